@@ -1,0 +1,1 @@
+"""Evaluation: MRAMG statistical metrics (`metrics`) and BERTScore with the Flax encoder (`bertscore`)."""
