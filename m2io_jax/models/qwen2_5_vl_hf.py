@@ -1,0 +1,87 @@
+"""Qwen2.5-VL checkpoints in the Hugging Face layout, loaded into and saved from our port.
+
+The safetensors keys are the hub layout, which transformers 5.12 also writes: the language half under
+`model.embed_tokens`, `model.layers.N.*`, `model.norm`, `lm_head` (the Qwen2 mapping of `qwen2_hf`), the
+vision tower under `visual.*` (patch_embed.proj, blocks.N.{norm1, norm2, attn.qkv, attn.proj,
+mlp.gate_proj/up_proj/down_proj}, merger.{ln_q, mlp.0, mlp.2}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from m2io_jax.models import hf
+from m2io_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, VisionConfig
+from m2io_jax.models.qwen2_hf import text_tensor_specs
+
+
+def _transpose(w):
+    return w.T
+
+
+def vision_tensor_specs(config: VisionConfig, *, prefix: str = "visual.",
+                        path_prefix: tuple[str, ...] = ("visual",)) -> list[hf.TensorSpec]:
+    """The checkpoint layout of the vision tower (Conv3d and fused qkv reshaped to our matmul layouts)."""
+    c = config
+    d, f, h, hd, wide = c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim, c.hidden_size * c.merge_unit
+    conv = (d, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
+
+    def spec(path: tuple[str, ...], name: str, shape, to_ours=hf.identity, to_hf=hf.identity) -> hf.TensorSpec:
+        return hf.TensorSpec(path_prefix + path, prefix + name, tuple(shape), to_ours, to_hf)
+
+    specs = [spec(("patch_embed",), "patch_embed.proj.weight", conv,
+                  lambda w: w.reshape(d, -1).T, lambda w: w.T.reshape(conv))]
+    for i in range(c.depth):
+        p, n = ("blocks", str(i)), f"blocks.{i}."
+        specs += [
+            spec(p + ("norm1",), n + "norm1.weight", (d,)),
+            spec(p + ("norm2",), n + "norm2.weight", (d,)),
+            spec(p + ("qkv",), n + "attn.qkv.weight", (3 * d, d),
+                 lambda w: w.T.reshape(d, 3, h, hd), lambda w: w.reshape(d, -1).T),
+            spec(p + ("qkv_bias",), n + "attn.qkv.bias", (3 * d,),
+                 lambda b: b.reshape(3, h, hd), lambda b: b.reshape(-1)),
+            spec(p + ("proj",), n + "attn.proj.weight", (d, d),
+                 lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(-1, d).T),
+            spec(p + ("proj_bias",), n + "attn.proj.bias", (d,)),
+            spec(p + ("gate",), n + "mlp.gate_proj.weight", (f, d), _transpose, _transpose),
+            spec(p + ("gate_bias",), n + "mlp.gate_proj.bias", (f,)),
+            spec(p + ("up",), n + "mlp.up_proj.weight", (f, d), _transpose, _transpose),
+            spec(p + ("up_bias",), n + "mlp.up_proj.bias", (f,)),
+            spec(p + ("down",), n + "mlp.down_proj.weight", (d, f), _transpose, _transpose),
+            spec(p + ("down_bias",), n + "mlp.down_proj.bias", (d,)),
+        ]
+    specs += [
+        spec(("merger", "ln_q"), "merger.ln_q.weight", (d,)),
+        spec(("merger", "fc1"), "merger.mlp.0.weight", (wide, wide), _transpose, _transpose),
+        spec(("merger", "fc1_bias"), "merger.mlp.0.bias", (wide,)),
+        spec(("merger", "fc2"), "merger.mlp.2.weight", (c.out_hidden_size, wide), _transpose, _transpose),
+        spec(("merger", "fc2_bias"), "merger.mlp.2.bias", (c.out_hidden_size,)),
+    ]
+    return specs
+
+
+def tensor_specs(config: Qwen2_5_VLConfig) -> list[hf.TensorSpec]:
+    """All checkpoint tensors of a Qwen2.5-VL model (language half + vision tower)."""
+    return (text_tensor_specs(config.text, prefix="model.", lm_head="lm_head.weight", path_prefix=("language_model",))
+            + vision_tensor_specs(config.vision))
+
+
+def load_pretrained(path: str, config: dict[str, Any], *, dtype: Any = jnp.float32,
+                    mesh=None) -> Qwen2_5_VLForConditionalGeneration:
+    """Loads a Qwen2.5-VL checkpoint directory (see `m2io_jax.models.from_pretrained`)."""
+    name = jnp.dtype(dtype).name
+    if name not in ("float32", "bfloat16", "float16"):
+        raise TypeError(f"{path}: cannot load parameters as dtype {name}; expected float32, bfloat16 or float16")
+    cfg = Qwen2_5_VLConfig.from_hf(config, source=f"{path}/config.json", dtype=dtype)
+    return hf.load_model(path, lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)),
+                         tensor_specs(cfg), dtype=dtype, mesh=mesh)
+
+
+def save_pretrained(model: Qwen2_5_VLForConditionalGeneration, path: str, *,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `model` so that `transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path)` loads it."""
+    cfg = model.config
+    hf.save_checkpoint(model, tensor_specs(cfg), path, cfg.to_hf(), max_shard_bytes=max_shard_bytes)
