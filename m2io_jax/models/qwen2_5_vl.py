@@ -16,7 +16,7 @@ does not recompile inside a bucket and no Python loop over images runs under jit
 
 The language half is `Qwen2ForCausalLM` (m2io_jax.models.qwen2) driven with 3-D (temporal, height, width)
 positions; `mrope_positions` reproduces transformers' `get_rope_index` for images and returns the
-`rope_deltas` that decoding after the prompt adds to the cache position.
+`rope_deltas` that decoding after the prompt adds to the count of real tokens seen.
 """
 
 from __future__ import annotations
@@ -276,7 +276,8 @@ def mrope_positions(input_ids: Any, image_grid_thw: Any | None, *, image_token_i
 
     Returns:
       positions: `[3, B, T]` int32.
-      rope_deltas: `[B]` int32; the token at cache index `i` during decoding has position `i + rope_deltas`.
+      rope_deltas: `[B]` int32; during decoding, the token that follows `n` real (unpadded) tokens has
+        position `n + rope_deltas` in all three components.
     """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -544,7 +545,7 @@ class ModelInputs(NamedTuple):
     positions: Any  # [3, B, T] int32 M-RoPE positions
     image_token_index: Any  # [B, T] int32 row of the vision features for <|image_pad|> tokens, else -1
     vision: VisionInputs | None  # None: text only
-    rope_deltas: Any  # [B] int32: decoding position = cache index + rope_deltas
+    rope_deltas: Any  # [B] int32: the token after n real tokens has position n + rope_deltas
 
 
 def prepare_inputs(config: Qwen2_5_VLConfig, input_ids: Any, *, attention_mask: Any | None = None,
@@ -628,11 +629,19 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         """Logits `[B, T, vocab]` float32 from inputs as transformers' processor returns them (numpy)."""
         inputs = prepare_inputs(self.config, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                                 image_grid_thw=image_grid_thw)
-        return _logits(self, inputs._replace(rope_deltas=None))
+        return logits_from_inputs(self, inputs)
+
+
+def logits_from_inputs(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInputs) -> jax.Array:
+    """Logits `[B, T, vocab]` float32 of host-prepared inputs (e.g. `Qwen2_5_VLProcessor(...).model_inputs`).
+
+    Compiled once per (text length, vision bucket) shape combination.
+    """
+    return _logits_jit(model, inputs._replace(rope_deltas=None))
 
 
 @nnx.jit
-def _logits(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInputs) -> jax.Array:
+def _logits_jit(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInputs) -> jax.Array:
     hidden, _ = model.forward(inputs.input_ids, positions=inputs.positions, segment_ids=inputs.segment_ids,
                               image_token_index=inputs.image_token_index, vision=inputs.vision)
     return model.logits(hidden)

@@ -1,0 +1,122 @@
+"""Qwen2.5-VL parity with transformers on tiny random weights: vision tower, M-RoPE positions, logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from m2io_jax.models import qwen2_5_vl as vl
+from tests.vl.conftest import IMAGE_TOKEN_ID, hf_logits, random_image
+
+SIZES = [(200, 300), (90, 150), (330, 250)]  # (height, width): non-square, grids that need window padding
+
+
+def conversation(num_images: int, question: str = "Where does the picture of the bridge go?"):
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
+def images_for(num_images: int, seed: int = 0):
+    return [random_image(h, w, seed + i) for i, (h, w) in enumerate(SIZES[:num_images])]
+
+
+def test_vision_tower_matches_transformers(hf_model, jax_model):
+    grid = np.array([[1, 20, 14], [1, 6, 8], [1, 18, 26], [2, 4, 4]])  # last: two frames, as a video would be
+    pixels = np.random.default_rng(0).standard_normal((int(grid.prod(1).sum()), 1176)).astype(np.float32)
+    with torch.no_grad():
+        ref = hf_model.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid)).pooler_output.numpy()
+    inputs = vl.plan_vision_inputs(pixels, grid, jax_model.config.vision)
+    out = np.asarray(jax.jit(lambda m, x: m.encode_images(x))(jax_model, inputs))
+    assert out.shape[0] >= ref.shape[0]
+    np.testing.assert_allclose(out[:ref.shape[0]], ref, atol=1e-5, rtol=0)
+
+
+def test_positions_match_transformers(hf_model, processor):
+    batch = processor([conversation(2), conversation(0, "A cat."), conversation(1)],
+                      images=[images_for(2), [], images_for(1, seed=5)])
+    mm = torch.from_numpy((batch.input_ids == IMAGE_TOKEN_ID).astype(np.int64))
+    ref_pos, ref_delta = hf_model.model.get_rope_index(
+        torch.from_numpy(batch.input_ids).long(), mm_token_type_ids=mm,
+        image_grid_thw=torch.from_numpy(batch.image_grid_thw), attention_mask=torch.from_numpy(batch.attention_mask))
+    valid = batch.attention_mask.astype(bool)
+    pos = batch.model_inputs.positions
+    np.testing.assert_array_equal(pos[:, valid], ref_pos.numpy()[:, valid])
+    np.testing.assert_array_equal(batch.model_inputs.rope_deltas, ref_delta.numpy()[:, 0])
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 3])
+def test_logits_match_transformers(hf_model, jax_model, processor, num_images):
+    batch = processor([conversation(num_images)], images=[images_for(num_images)])
+    ref = hf_logits(hf_model, batch)
+    out = np.asarray(jax_model(batch.input_ids, batch.pixel_values, batch.image_grid_thw, batch.attention_mask))
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_batch_of_prompts_with_different_image_counts(hf_model, jax_model, processor):
+    batch = processor([conversation(1), conversation(2, "A cat sits on a red mat.")],
+                      images=[images_for(1, seed=3), images_for(2, seed=7)])
+    assert batch.attention_mask.min() == 0  # left padding in play
+    ref = hf_logits(hf_model, batch)
+    out = np.asarray(vl.logits_from_inputs(jax_model, batch.model_inputs))
+    valid = batch.attention_mask.astype(bool)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
+
+
+def test_precomputed_vision_features_give_the_same_logits(jax_model, processor):
+    batch = processor([conversation(2)], images=[images_for(2)])
+    x = batch.model_inputs
+    full = np.asarray(vl.logits_from_inputs(jax_model, x))
+
+    @jax.jit
+    def with_features(model, x):
+        features = model.encode_images(x.vision)
+        hidden, _ = model.forward(x.input_ids, positions=x.positions, segment_ids=x.segment_ids,
+                                  image_token_index=x.image_token_index, vision_features=features)
+        return model.logits(hidden)
+
+    np.testing.assert_allclose(np.asarray(with_features(jax_model, x._replace(rope_deltas=None))), full, atol=1e-6)
+
+
+def test_decoding_after_the_prompt_uses_rope_deltas(jax_model, processor):
+    """Prefill into a KV cache, then one decode step at position (real tokens so far) + rope_delta equals the full
+    forward over the longer sequence (left-padded rows included)."""
+    batch = processor([conversation(1), conversation(2)], images=[images_for(1), images_for(2)])
+    x = batch.model_inputs
+    next_token = np.array([[11], [12]], np.int32)
+    ids = np.concatenate([x.input_ids, next_token], axis=1)
+    mask = np.concatenate([x.segment_ids, np.ones((2, 1), np.int32)], axis=1)
+    full = vl.prepare_inputs(jax_model.config, ids, attention_mask=mask, pixel_values=batch.pixel_values,
+                             image_grid_thw=batch.image_grid_thw)
+    want = np.asarray(vl.logits_from_inputs(jax_model, full))[:, -1]
+
+    @jax.jit
+    def prefill_then_step(model, x, token, step_positions):
+        cache = model.init_cache(2, x.input_ids.shape[1] + 1)
+        _, cache = model.forward(x.input_ids, positions=x.positions, segment_ids=x.segment_ids,
+                                 image_token_index=x.image_token_index, vision=x.vision, cache=cache)
+        hidden, _ = model.forward(token, positions=step_positions, segment_ids=jnp.ones_like(token), cache=cache)
+        return model.logits(hidden)[:, -1]
+
+    seen = x.segment_ids.sum(axis=1)
+    step_positions = np.broadcast_to((seen + x.rope_deltas)[None, :, None], (3, 2, 1)).astype(np.int32)
+    got = np.asarray(prefill_then_step(jax_model, x._replace(rope_deltas=None), next_token, step_positions))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_new_image_size_in_the_same_bucket_does_not_recompile(jax_model):
+    cfg = jax_model.config.vision
+    traces = []
+
+    @jax.jit
+    def encode(model, x):
+        traces.append(1)
+        return model.encode_images(x)
+
+    for grid in ([[1, 8, 12]], [[1, 12, 8]], [[1, 10, 10]]):
+        grid = np.array(grid)
+        pixels = np.zeros((int(grid.prod()), cfg.patch_dim), np.float32)
+        encode(jax_model, vl.plan_vision_inputs(pixels, grid, cfg))
+    assert len(traces) == 1
