@@ -1,0 +1,516 @@
+"""Batched KV-cache sampler with shared-prefix group sampling (GRPO's "prefill once, sample G").
+
+`generate(model, prompts, num_samples=G, ...)` prefills each prompt once and decodes its G samples against
+that one prompt cache: the prompt's keys and values live in a *shared prefix cache* `[L, B, P, KV, hd]` and
+every sample only owns a *suffix cache* `[L, B, G, N, KV, hd]` for the tokens it generates. A decode step
+attends each sample's query to the shared prefix (one batched matrix product per prompt, instead of G
+matrix-vector products over G copies) and to its own suffix; both score blocks go through one softmax, so the
+result is exactly attention over prompt + completion. Peers (transformers `generate`, tunix) prefill the
+prompt G times and keep G copies of its cache.
+
+Decoding is one jitted `lax.while_loop` over a donated `DecodeState` (tokens, log-probs, suffix cache, done
+flags, per-row keys): no host round trip per token, early exit when every row is done. The loop is split into
+a few stages with static suffix lengths (N/4, N/2, N) so that attention reads only the suffix slots written so
+far, rounded up to the stage.
+
+Randomness: row (prompt p, sample g) uses `fold_in(fold_in(key(seed), p), g)` folded with the step, so tokens
+do not depend on batch composition and `generate(num_samples=G)` equals `generate_repeated` (the prompt
+prefilled G times) token for token.
+
+Log-probabilities are those the trainer recomputes: `log_softmax(logits / temperature)` of the chosen token,
+before top-k / top-p filtering (temperature 1 when greedy).
+
+Shapes are bucketed (prompt length, batch and generation length to powers of two, or to `Buckets` lists), so
+repeated calls reuse compiled programs; `compile_count()` counts the programs traced so far.
+
+On a mesh (parameters carrying `NamedSharding`s), the parameters are placed once per call in the sampling
+layout (`sampling_rules`: the fsdp axis dropped from parameter dimensions, tensor parallelism kept), the batch
+is sharded over data/fsdp, and the decode loop never gathers weights.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+
+from m2io_jax import sharding as shd
+from m2io_jax.models.qwen2 import apply_rope, default_positions, rms_norm, rope_cos_sin
+
+# -------------------------------------------------------------------------------------------------- buckets
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Static sizes the sampler pads to. A None list means powers of two, at least the given minimum."""
+
+    prompt_lengths: tuple[int, ...] | None = None
+    new_token_lengths: tuple[int, ...] | None = None
+    batch_sizes: tuple[int, ...] | None = None
+    min_prompt_length: int = 16
+    min_new_tokens: int = 16
+    min_batch_size: int = 1
+
+
+DEFAULT_BUCKETS = Buckets()
+
+
+def bucket_size(n: int, choices: Sequence[int] | None, minimum: int, what: str) -> int:
+    """The smallest bucket >= n: from `choices` if given, else the next power of two >= max(n, minimum)."""
+    if choices is None:
+        return max(minimum, 1 << max(0, (n - 1).bit_length()))
+    fitting = [c for c in sorted(choices) if c >= n]
+    if not fitting:
+        raise ValueError(f"{what}={n} exceeds the largest bucket {max(choices)} (buckets: {tuple(choices)})")
+    return fitting[0]
+
+
+def decode_stages(num_new: int) -> tuple[int, ...]:
+    """Static suffix lengths of the decode stages: attention in stage s reads only the first stages[s] slots."""
+    if num_new < 64:
+        return (num_new,)
+    return (num_new // 4, num_new // 2, num_new)
+
+
+# -------------------------------------------------------------------------------------------- compile stats
+
+_TRACES: collections.Counter[str] = collections.Counter()
+
+
+def compile_count() -> int:
+    """Number of sampler programs (prefill and decode) traced and compiled in this process so far."""
+    return sum(_TRACES.values())
+
+
+def compile_counts() -> dict[str, int]:
+    """Programs traced so far, by kind ("prefill", "decode")."""
+    return dict(_TRACES)
+
+
+# ----------------------------------------------------------------------------------------- token selection
+
+
+def filter_logits(scaled: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+    """Sets to -inf every logit outside the top-k, then outside the top-p nucleus. scaled [M, V] float32.
+
+    The nucleus keeps the smallest set of highest-probability tokens (after top-k, renormalised) whose
+    probability mass reaches top_p; the most likely token is always kept.
+    """
+    if top_k is None and (top_p is None or top_p >= 1.0):
+        return scaled
+    if top_k is not None:
+        ranked = jax.lax.top_k(scaled, top_k)[0]  # [M, k], descending
+    else:
+        ranked = -jnp.sort(-scaled, axis=-1)  # [M, V], descending
+    threshold = ranked[:, -1:]
+    if top_p is not None and top_p < 1.0:
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
+        threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
+    return jnp.where(scaled < threshold, -jnp.inf, scaled)
+
+
+def choose_tokens(
+    logits: jax.Array, keys: jax.Array, step: jax.Array, *, temperature: float, top_k: int | None,
+    top_p: float | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Picks one token per row. logits [M, V] f32, keys [M] (per-row keys) -> tokens [M], logprobs [M].
+
+    Greedy when temperature == 0 (log-probs at temperature 1); otherwise a categorical draw from the filtered
+    logits / temperature with key fold_in(row key, step). Log-probs are of the unfiltered tempered softmax.
+    """
+    if temperature == 0.0:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        filtered = filter_logits(scaled, top_k, top_p)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        tokens = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def row_keys(seed: jax.Array, prompt_index: jax.Array, sample_index: jax.Array) -> jax.Array:
+    """Keys [R, G]: fold_in(fold_in(key(seed), prompt_index[r]), sample_index[r, g])."""
+    base = jax.random.key(seed)
+    per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, prompt_index)  # [R]
+    return jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(0, 0))(per_prompt, sample_index)
+
+
+# ------------------------------------------------------------------------------------------- decode state
+
+
+@struct.dataclass
+class PrefixCache:
+    """Keys and values of the prompts, shared by all samples of a prompt."""
+
+    k: jax.Array  # [L, R, P, KV, hd]
+    v: jax.Array  # [L, R, P, KV, hd]
+    mask: jax.Array  # [R, P] bool, False on left padding
+    lengths: jax.Array  # [R] int32, prompt lengths (the first generated token's position)
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries (donated to the decode program)."""
+
+    step: jax.Array  # [] int32: tokens sampled so far (the last one is tokens[..., step - 1])
+    tokens: jax.Array  # [R, G, N] int32
+    logprobs: jax.Array  # [R, G, N] float32
+    lengths: jax.Array  # [R, G] int32: tokens emitted (stop token included)
+    done: jax.Array  # [R, G] bool
+    max_new: jax.Array  # [R, G] int32: per-row budget
+    keys: jax.Array  # [R, G] typed PRNG keys
+    suffix_k: jax.Array  # [L, R, G, N, KV, hd]
+    suffix_v: jax.Array  # [L, R, G, N, KV, hd]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """Static (hashable) description of one compiled sampler: the model graph and the sampling settings."""
+
+    graphdef: Any
+    num_samples: int
+    num_new: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
+def _record(state: DecodeState, emitted: jax.Array, logp: jax.Array, stop_tokens: jax.Array,
+            slot: jax.Array) -> DecodeState:
+    """Writes the tokens chosen at `slot` ([R, G]) and updates lengths / done flags."""
+    live = ~state.done
+    lengths = state.lengths + live.astype(jnp.int32)
+    stopped = jnp.isin(emitted, stop_tokens) & live
+    done = state.done | stopped | (lengths >= state.max_new)
+    tokens = jax.lax.dynamic_update_slice(state.tokens, emitted[:, :, None], (0, 0, slot))
+    logprobs = jax.lax.dynamic_update_slice(state.logprobs, logp[:, :, None], (0, 0, slot))
+    return state.replace(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done, step=slot + 1)
+
+
+# ------------------------------------------------------------------------------------------------- prefill
+
+
+def _prefill(program: _Program, params: nnx.State, prompt_ids: jax.Array, prompt_mask: jax.Array,
+             prompt_index: jax.Array, sample_index: jax.Array, max_new: jax.Array, stop_tokens: jax.Array,
+             seed: jax.Array) -> tuple[PrefixCache, DecodeState]:
+    """Runs every prompt once, samples the first token of its G samples and allocates their suffix caches."""
+    _TRACES["prefill"] += 1
+    model = nnx.merge(program.graphdef, params)
+    c = model.config
+    r, p = prompt_ids.shape
+    g, n = program.num_samples, program.num_new
+    positions = default_positions(prompt_mask)  # [R, P]
+    cache = model.init_cache(r, p)
+    hidden, cache = model.forward(model.embed(prompt_ids), positions=positions, segment_ids=prompt_mask, cache=cache)
+    logits = jnp.einsum("rd,dv->rv", hidden[:, -1], model.lm_head_weight(), preferred_element_type=jnp.float32)
+    keys = row_keys(seed, prompt_index, sample_index)  # [R, G]
+    logits = jnp.broadcast_to(logits[:, None], (r, g, logits.shape[-1])).reshape(r * g, -1)
+    first, logp = choose_tokens(logits, keys.reshape(-1), jnp.int32(0), temperature=program.temperature,
+                                top_k=program.top_k, top_p=program.top_p)
+    suffix_shape = (c.num_hidden_layers, r, g, n, c.num_key_value_heads, c.head_dim)
+    suffix = shd.constrain(jnp.zeros(suffix_shape, cache.k.dtype),
+                           ("layers", "batch", None, "cache_length", "act_kv_heads", None))
+    state = DecodeState(
+        step=jnp.int32(0), tokens=jnp.zeros((r, g, n), jnp.int32), logprobs=jnp.zeros((r, g, n), jnp.float32),
+        lengths=jnp.zeros((r, g), jnp.int32), done=jnp.zeros((r, g), bool), max_new=max_new, keys=keys,
+        suffix_k=suffix, suffix_v=suffix)
+    state = _record(state, first.reshape(r, g), logp.reshape(r, g), stop_tokens, jnp.int32(0))
+    prefix = PrefixCache(k=cache.k, v=cache.v, mask=prompt_mask.astype(bool),
+                         lengths=jnp.sum(prompt_mask, axis=-1).astype(jnp.int32))
+    return prefix, state
+
+
+# -------------------------------------------------------------------------------------------------- decode
+
+
+def shared_prefix_attention(
+    q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask: jax.Array, suffix_k: jax.Array,
+    suffix_v: jax.Array, suffix_mask: jax.Array,
+) -> jax.Array:
+    """Attention of G samples' queries to their prompt's shared prefix and to their own suffix.
+
+    q [R, G, H, hd]; prefix_k/v [R, P, KV, hd], prefix_mask [R, P]; suffix_k/v [R, G, S, KV, hd],
+    suffix_mask [S] -> [R, G, H, hd]. One softmax over prefix and suffix scores (float32).
+    """
+    r, g, h, hd = q.shape
+    kv = prefix_k.shape[2]
+    q = q.reshape(r, g, kv, h // kv, hd)
+    scale = hd ** -0.5
+    low = jnp.finfo(jnp.float32).min
+    s_pre = jnp.einsum("rgkqd,rpkd->rkgqp", q, prefix_k, preferred_element_type=jnp.float32) * scale
+    s_suf = jnp.einsum("rgkqd,rgskd->rkgqs", q, suffix_k, preferred_element_type=jnp.float32) * scale
+    s_pre = jnp.where(prefix_mask[:, None, None, None, :], s_pre, low)
+    s_suf = jnp.where(suffix_mask[None, None, None, None, :], s_suf, low)
+    probs = jax.nn.softmax(jnp.concatenate([s_pre, s_suf], axis=-1), axis=-1).astype(prefix_v.dtype)
+    p = prefix_k.shape[1]
+    out = (jnp.einsum("rkgqp,rpkd->rgkqd", probs[..., :p], prefix_v)
+           + jnp.einsum("rkgqs,rgskd->rgkqd", probs[..., p:], suffix_v))
+    return out.reshape(r, g, h, hd)
+
+
+def _decode_step(program: _Program, model: nnx.Module, prefix: PrefixCache, stop_tokens: jax.Array,
+                 span: int, state: DecodeState) -> DecodeState:
+    """Feeds the last sampled token of every row, attends over prefix + suffix[:span], samples the next one."""
+    c = model.config
+    r, g, _ = state.tokens.shape
+    m = r * g
+    slot = state.step - 1  # suffix slot of the token fed now
+    last = jax.lax.dynamic_index_in_dim(state.tokens, slot, axis=2, keepdims=False)  # [R, G]
+    positions = jnp.broadcast_to(prefix.lengths[:, None] + slot, (r, g)).reshape(m, 1)  # [M, 1]
+    if c.mrope_section is not None:
+        positions = jnp.broadcast_to(positions[None], (3, m, 1))
+    cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
+    x = model.embed(last.reshape(m, 1))  # [M, 1, D]
+    suffix_mask = jnp.arange(span) <= slot  # [span]
+    weights = model.layers.stacked(c.dtype)
+    eps = c.rms_norm_eps
+
+    def layer(carry, xs):
+        x, sk_all, sv_all = carry
+        w, pk, pv, i = xs
+        h = rms_norm(x, w["input_norm"], eps)
+        q = apply_rope(jnp.einsum("btd,dnh->btnh", h, w["q_proj"]) + w["q_bias"], cos, sin)  # [M, 1, H, hd]
+        k = apply_rope(jnp.einsum("btd,dnh->btnh", h, w["k_proj"]) + w["k_bias"], cos, sin)  # [M, 1, KV, hd]
+        v = jnp.einsum("btd,dnh->btnh", h, w["v_proj"]) + w["v_bias"]
+        new_k = k.reshape(1, r, g, 1, *k.shape[2:]).astype(sk_all.dtype)
+        new_v = v.reshape(1, r, g, 1, *v.shape[2:]).astype(sv_all.dtype)
+        sk_all = jax.lax.dynamic_update_slice(sk_all, new_k, (i, 0, 0, slot, 0, 0))
+        sv_all = jax.lax.dynamic_update_slice(sv_all, new_v, (i, 0, 0, slot, 0, 0))
+        sk = jax.lax.dynamic_index_in_dim(sk_all, i, axis=0, keepdims=False)[:, :, :span]  # [R, G, span, KV, hd]
+        sv = jax.lax.dynamic_index_in_dim(sv_all, i, axis=0, keepdims=False)[:, :, :span]
+        q = shd.constrain(q.reshape(r, g, *q.shape[2:]), ("batch", None, "act_heads", None))
+        out = shared_prefix_attention(q, pk, pv, prefix.mask, sk.astype(q.dtype), sv.astype(q.dtype), suffix_mask)
+        x = x + jnp.einsum("btnh,nhd->btd", out.reshape(m, 1, *out.shape[2:]), w["o_proj"])
+        h = rms_norm(x, w["post_norm"], eps)
+        gate = jnp.einsum("btd,df->btf", h, w["gate_proj"])
+        up = jnp.einsum("btd,df->btf", h, w["up_proj"])
+        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down_proj"])
+        return (shd.constrain(x, ("batch", "length", "act_embed")), sk_all, sv_all), None
+
+    layer_ids = jnp.arange(c.num_hidden_layers)
+    (x, sk_all, sv_all), _ = jax.lax.scan(
+        layer, (x, state.suffix_k, state.suffix_v), (weights, prefix.k, prefix.v, layer_ids))
+    hidden = rms_norm(x[:, 0], model.norm[...], eps)  # [M, D]
+    logits = jnp.einsum("md,dv->mv", hidden, model.lm_head_weight(), preferred_element_type=jnp.float32)
+    tokens, logp = choose_tokens(logits, state.keys.reshape(m), state.step, temperature=program.temperature,
+                                 top_k=program.top_k, top_p=program.top_p)
+    state = state.replace(suffix_k=sk_all, suffix_v=sv_all)
+    return _record(state, tokens.reshape(r, g), logp.reshape(r, g), stop_tokens, state.step)
+
+
+def _decode(program: _Program, params: nnx.State, prefix: PrefixCache, stop_tokens: jax.Array,
+            state: DecodeState) -> DecodeState:
+    """Decodes until every row is done or N tokens exist, in stages of growing static suffix span."""
+    _TRACES["decode"] += 1
+    model = nnx.merge(program.graphdef, params)
+    n = program.num_new
+    for span in decode_stages(n):
+        def cond(s: DecodeState, span=span) -> jax.Array:
+            return (s.step < n) & (s.step <= span) & jnp.any(~s.done)
+
+        body = functools.partial(_decode_step, program, model, prefix, stop_tokens, span)
+        state = jax.lax.while_loop(cond, body, state)
+    return state
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(0,))
+_decode_jit = jax.jit(_decode, static_argnums=(0,), donate_argnums=(4,))
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Samples of `generate`: row i is sample `sample_index[i]` of prompt `prompt_index[i]`.
+
+    Samples of one prompt are adjacent. `tokens[i]` are the new token ids (a stop token, when hit, included);
+    `logprobs[i][t]` is log softmax(logits / temperature) of `tokens[i][t]` (temperature 1 when greedy).
+    """
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    prompt_index: list[int]
+    sample_index: list[int]
+
+
+def _validate(model: Any, prompts: Any, max_new_tokens: int, num_samples: int, temperature: float,
+              top_k: int | None, top_p: float | None, stop_tokens: Sequence[int]) -> list[list[int]]:
+    """Checks the request on the host, before anything is compiled; returns the prompts as int lists."""
+    c = model.config
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0; got {temperature}")
+    if top_k is not None and not 1 <= top_k <= c.vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={c.vocab_size}]; got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"prompts[{i}] must be a flat list of int token ids; got array of shape {ids.shape} "
+                             f"and dtype {ids.dtype}")
+        if ids.size == 0:
+            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        bad = np.flatnonzero((ids < 0) | (ids >= c.vocab_size))
+        if bad.size:
+            j = int(bad[0])
+            raise ValueError(f"prompts[{i}][{j}] = {int(ids[j])} is outside the vocabulary [0, {c.vocab_size})")
+        if ids.size + max_new_tokens > c.max_position_embeddings:
+            raise ValueError(f"prompts[{i}] has {ids.size} tokens; with max_new_tokens={max_new_tokens} it needs "
+                             f"{ids.size + max_new_tokens} cache slots, more than the model's "
+                             f"max_position_embeddings={c.max_position_embeddings}")
+        out.append([int(t) for t in ids])
+    for t in stop_tokens:
+        if not 0 <= int(t) < c.vocab_size:
+            raise ValueError(f"stop token {t} is outside the vocabulary [0, {c.vocab_size})")
+    return out
+
+
+def sampling_rules(rules: shd.Rules | None = None) -> shd.Rules:
+    """The logical-axis rules for sampling: parameters lose the fsdp axis (no all-gather per token)."""
+    activations = {"batch", "length", "cache_length"}
+    out = []
+    for name, axes in (shd.current_rules() if rules is None else rules):
+        if name not in activations and not name.startswith("act_") and axes is not None:
+            kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "fsdp")
+            axes = kept or None
+        out.append((name, axes))
+    return tuple(out)
+
+
+def _mesh_of(params: nnx.State) -> jax.sharding.Mesh | None:
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def sampling_params(model: nnx.Module) -> tuple[Any, nnx.State, jax.sharding.Mesh | None]:
+    """(graphdef, parameters in the sampling layout, mesh or None): resharded once per call, not per token."""
+    graphdef, params = nnx.split(model)
+    mesh = _mesh_of(params)
+    if mesh is not None:
+        params = jax.device_put(params, shd.state_shardings(params, mesh, sampling_rules()))
+    return graphdef, params, mesh
+
+
+def _sample(model: nnx.Module, prompts: list[list[int]], prompt_index: np.ndarray, sample_index: np.ndarray, *,
+            max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+            stop_tokens: Sequence[int], seed: int, buckets: Buckets) -> SampleOutput:
+    """Prefills rows `prompts` once each and decodes sample_index.shape[1] samples per row."""
+    rows, g = sample_index.shape
+    p = bucket_size(max(len(x) for x in prompts), buckets.prompt_lengths, buckets.min_prompt_length, "prompt length")
+    n = bucket_size(max_new_tokens, buckets.new_token_lengths, buckets.min_new_tokens, "max_new_tokens")
+    graphdef, params, mesh = sampling_params(model)
+    batch_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    r = bucket_size(rows, buckets.batch_sizes, buckets.min_batch_size, "batch size")
+    r = -(-r // batch_multiple) * batch_multiple if buckets.batch_sizes is None else r
+
+    ids = np.zeros((r, p), np.int32)
+    mask = np.zeros((r, p), np.int32)
+    for i, prompt in enumerate(prompts):
+        ids[i, p - len(prompt):] = prompt
+        mask[i, p - len(prompt):] = 1
+    mask[rows:, -1] = 1  # batch padding: one-token dummy prompts, done after their first token
+    budget = np.ones((r, g), np.int32)
+    budget[:rows] = max_new_tokens
+    p_index = np.zeros((r,), np.int32)
+    p_index[:rows] = prompt_index
+    s_index = np.zeros((r, g), np.int32)
+    s_index[:rows] = sample_index
+    stops = np.asarray(list(stop_tokens) or [-1], np.int32)
+
+    program = _Program(graphdef=graphdef, num_samples=g, num_new=n, temperature=float(temperature),
+                       top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p))
+    args = (ids, mask, p_index, s_index, budget, stops, np.uint32(seed))
+    if mesh is not None:
+        batch = NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        args = tuple(jax.device_put(a, batch) if i in (0, 1, 2, 3, 4) else a for i, a in enumerate(args))
+    with _maybe_mesh(mesh), shd.use_rules(sampling_rules()):
+        prefix, state = _prefill_jit(program, params, *args)
+        state = _decode_jit(program, params, prefix, args[5], state)
+    tokens, logprobs, lengths = jax.device_get((state.tokens, state.logprobs, state.lengths))
+    out_tokens, out_logprobs, out_prompt, out_sample = [], [], [], []
+    for i in range(rows):
+        for j in range(g):
+            k = int(lengths[i, j])
+            out_tokens.append(tokens[i, j, :k].tolist())
+            out_logprobs.append(logprobs[i, j, :k].tolist())
+            out_prompt.append(int(prompt_index[i]))
+            out_sample.append(int(sample_index[i, j]))
+    return SampleOutput(out_tokens, out_logprobs, out_prompt, out_sample)
+
+
+def _maybe_mesh(mesh: jax.sharding.Mesh | None):
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def generate(
+    model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, num_samples: int = 1,
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+    stop_tokens: Sequence[int] = (), seed: int = 0, images: Any = None,
+) -> SampleOutput:
+    """Samples `num_samples` completions per prompt, prefilling each prompt once.
+
+    Args:
+      model: a `Qwen2ForCausalLM` (parameters on one device or sharded on a mesh).
+      prompts: token-id lists (any lengths; left-padded to a bucket internally).
+      max_new_tokens: new tokens per sample (fewer when a stop token is emitted).
+      num_samples: samples per prompt (GRPO's G); samples of one prompt are adjacent in the output.
+      temperature: 0 for greedy decoding.
+      top_k, top_p: optional filters applied to logits / temperature before the draw.
+      stop_tokens: token ids that end a sample (the stop token is returned).
+      seed: the sample of prompt p with index g uses key fold_in(fold_in(key(seed), p), g).
+      images: processor outputs for a vision-language model (must be None for a text model).
+
+    Returns:
+      `SampleOutput` with tokens, logprobs, prompt_index, sample_index (len(prompts) * num_samples rows).
+    """
+    if images is not None:
+        raise ValueError(f"images were given but {type(model).__name__} is a text-only model")
+    clean = _validate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_tokens)
+    b = len(clean)
+    prompt_index = np.arange(b, dtype=np.int32)
+    sample_index = np.broadcast_to(np.arange(num_samples, dtype=np.int32), (b, num_samples))
+    return _sample(model, clean, prompt_index, sample_index, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed, buckets=DEFAULT_BUCKETS)
+
+
+def generate_repeated(
+    model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, num_samples: int = 1,
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+    stop_tokens: Sequence[int] = (), seed: int = 0,
+) -> SampleOutput:
+    """`generate` the way peers do it: every prompt repeated `num_samples` times and prefilled once per copy.
+
+    Same keys per (prompt, sample), hence the same samples as `generate`; used to test and to measure what
+    prefix sharing saves.
+    """
+    clean = _validate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_tokens)
+    repeated = [x for x in clean for _ in range(num_samples)]
+    prompt_index = np.repeat(np.arange(len(clean), dtype=np.int32), num_samples)
+    sample_index = np.tile(np.arange(num_samples, dtype=np.int32), len(clean))[:, None]
+    return _sample(model, repeated, prompt_index, sample_index, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+                   buckets=DEFAULT_BUCKETS)
