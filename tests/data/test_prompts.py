@@ -1,0 +1,71 @@
+"""Candidates: <imgN> numbering by first appearance, captions, gold ids, cap, missed-gold policy, predictions file."""
+
+import json
+
+import pytest
+
+from m2io_jax.data import mramg, prompts
+from m2io_jax.retrieval.chunking import Chunk
+
+IMAGES = {n: mramg.ImageInfo(n, f"cap {n}", f"/x/{n}.png") for n in "abcdefg"}
+
+
+def _q(images, qid="q1", answer="First.<PIC> Second.<PIC>"):
+    q = mramg.Question(qid, "?", ("d1",), answer, tuple(images), "x")
+    return mramg._with_anchors(q, "f", 1, mramg._Problems(mramg.LoadReport("x"), False))  # pylint: disable=protected-access
+
+
+C1 = Chunk("d1", 0, "Alpha.<PIC> Beta.<PIC>", ("b", "a"), "x")
+C2 = Chunk("d2", 0, "Gamma.<PIC> Delta.<PIC>", ("a", "c"), "x")
+C3 = Chunk("d1", 1, "Eps.<PIC>", ("d",), "x")
+
+
+def test_numbering_context_captions_gold():
+    cands = prompts.build_candidates(_q(["a", "c"]), [C1, C2], IMAGES, max_images=10)
+    assert cands.image_map == {"img1": "b", "img2": "a", "img3": "c"}
+    assert cands.contexts == ("Alpha.<img1> Beta.<img2>", "Gamma.<img2> Delta.<img3>")
+    assert cands.context_text.splitlines()[0] == "[context_1] Alpha.<img1> Beta.<img2>"
+    assert cands.caption_text.splitlines() == ["[img1_caption] cap b", "[img2_caption] cap a", "[img3_caption] cap c"]
+    assert cands.gold == ("img2", "img3") and cands.gold_missing == ()
+    assert prompts.render_gold(_q(["a", "c"]), cands) == "First.<img2> Second.<img3>"
+
+
+def test_cap_drops_later_images_and_their_markers():
+    cands = prompts.build_candidates(_q(["a", "c"]), [C1, C2], IMAGES, max_images=2)
+    assert cands.image_map == {"img1": "b", "img2": "a"}
+    assert cands.contexts[1] == "Gamma.<img2> Delta."
+    assert cands.gold == ("img2",) and cands.gold_missing == ("c",)
+
+
+def test_missed_gold_added_only_when_asked():
+    q = _q(["d"], answer="Eps.<PIC>")
+    evaluation = prompts.build_candidates(q, [C1, C2], IMAGES, max_images=3, extra_chunks=[C3])
+    assert evaluation.gold_missing == ("d",) and evaluation.added_gold == ()
+    training = prompts.build_candidates(q, [C1, C2], IMAGES, max_images=3, extra_chunks=[C3], add_gold=True)
+    assert training.added_gold == ("d",) and training.gold_missing == ()
+    assert C3 in training.chunks and len(training.image_map) == 3  # cap kept: a non-gold image made room
+    assert "d" in training.image_map.values()
+
+
+@pytest.mark.parametrize("policy, split, expected", [
+    ("train", "train", True), ("train", "test", False), ("train", "validation", False),
+    ("never", "train", False), ("always", "test", True)])
+def test_missed_gold_policy(policy, split, expected):
+    assert prompts.add_missed_gold(policy, split) is expected
+
+
+def test_missed_gold_policy_rejects_unknown():
+    with pytest.raises(ValueError, match="'sometimes'"):
+        prompts.add_missed_gold("sometimes", "train")
+
+
+def test_visual_recall():
+    assert prompts.visual_recall(["a", "d"], [C1, C2]) == 0.5
+    assert prompts.visual_recall([], [C1]) is None
+
+
+def test_write_predictions(tmp_path):
+    path = str(tmp_path / "out" / "preds.jsonl")
+    n = prompts.write_predictions(path, [prompts.Prediction("q1", "x", "Hi.<img1>", {"img1": "a"})])
+    assert n == 1
+    assert json.loads(open(path).read()) == {"id": "q1", "dataset": "x", "final_output": "Hi.<img1>", "image_map": {"img1": "a"}}
