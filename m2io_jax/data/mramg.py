@@ -258,7 +258,8 @@ def _read_documents(path: str, name: str, problems: _Problems) -> tuple[dict[str
 def _read_images(path: str, root: str, name: str, problems: _Problems, check_images: bool) -> dict[str, ImageInfo]:
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            text = f.read()
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         problems.add("malformed_json", path, e.lineno, f"invalid JSON ({e.msg}); no image metadata read")
         return {}
@@ -266,24 +267,26 @@ def _read_images(path: str, root: str, name: str, problems: _Problems, check_ima
         problems.add("bad_images_info", path, 0, f"expected an object {{image_name: {{...}}}}, found {type(raw).__name__}")
         return {}
     bases = image_base_dirs(root, name)
+    key_line = _key_lines(text)
     images: dict[str, ImageInfo] = {}
     for image_name, entry in raw.items():
+        line = key_line.get(image_name, 0)
         if not isinstance(entry, dict):
-            problems.add("bad_images_info", path, 0, f"image {image_name!r}: expected an object, found {_preview(entry)}")
+            problems.add("bad_images_info", path, line, f"image {image_name!r}: expected an object, found {_preview(entry)}")
             continue
         caption = entry.get("image_caption")
         if not isinstance(caption, str):
-            problems.add("bad_images_info", path, 0, f"image {image_name!r}: missing or non-string 'image_caption'")
+            problems.add("bad_images_info", path, line, f"image {image_name!r}: missing or non-string 'image_caption'")
             caption = ""
         rel = entry.get("image_path")
         if not isinstance(rel, str) or not rel:
-            problems.add("bad_images_info", path, 0, f"image {image_name!r}: missing 'image_path'")
+            problems.add("bad_images_info", path, line, f"image {image_name!r}: missing 'image_path'")
             images[image_name] = ImageInfo(image_name, caption, "")
             continue
         resolved = _resolve_image(rel, bases)
         if resolved is None:
             problems.add(
-                "missing_image", path, 0,
+                "missing_image", path, line,
                 f"image {image_name!r}: file {rel!r} not found under any of {bases or [root]}",
             )
             resolved = ""
@@ -293,6 +296,15 @@ def _read_images(path: str, root: str, name: str, problems: _Problems, check_ima
                 problems.add("unreadable_image", resolved, 0, f"image {image_name!r}: {error}")
         images[image_name] = ImageInfo(image_name, caption, resolved)
     return images
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """1-based line of each `"name":` key in an images_info file (its first occurrence)."""
+    lines: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        for m in re.finditer(r'"((?:[^"\\]|\\.)*)"\s*:', line):
+            lines.setdefault(m.group(1), lineno)
+    return lines
 
 
 def _resolve_image(rel: str, bases: list[str]) -> str | None:

@@ -32,8 +32,11 @@ def token_length_fn(encoder: Any) -> chunking.LengthFn:
     if callable(count):
         return lambda text: int(count([text])[0])
     tokenizer = getattr(encoder, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
-        return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+    if tokenizer is not None and hasattr(tokenizer, "to_str"):  # tokenizers.Tokenizer
+        counter = type(tokenizer).from_str(tokenizer.to_str())  # a copy: count past the encoder's truncation
+        counter.no_truncation()
+        counter.no_padding()
+        return lambda text: len(counter.encode(text, add_special_tokens=False).ids)
     if tokenizer is not None and callable(tokenizer):  # transformers tokenizer
         return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return chunking.estimate_tokens

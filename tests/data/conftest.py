@@ -54,7 +54,7 @@ def write_mramg(
         Image.new("RGB", (16, 12), COLOURS.get(image_name, (90, 90, 90))).save(os.path.join(image_dir, rel), format="JPEG")
         info[image_name] = {"image_caption": f"caption of {image_name}", "image_path": rel, "image_url": "http://x"}
     with open(os.path.join(info_dir, f"{name}_imgs_collection.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f)
+        json.dump(info, f, indent=1)
     return root
 
 

@@ -81,6 +81,9 @@ def test_missing_and_unreadable_images_named(tmp_path, make_mramg):
     ds = mramg.load_dataset(root, "wit")
     by_kind = {p.kind: p for p in ds.report.problems}
     assert "'wit_b.jpg'" in by_kind["missing_image"].message
+    info = os.path.join(root, "IMAGE", "IMAGE", "images_info", "wit_imgs_collection.json")
+    wit_b_line = next(i for i, line in enumerate(open(info), start=1) if line.strip().startswith('"wit_b"'))
+    assert str(by_kind["missing_image"]).startswith(f"{info}:{wit_b_line}: [missing_image]")
     assert by_kind["unreadable_image"].file == os.path.join(image_dir, "wit_c.jpg")
     assert ds.images["wit_b"].path == ""
     with pytest.raises(mramg.MramgFormatError, match="wit_b.jpg"):
@@ -122,8 +125,8 @@ def test_images_info_malformed(tmp_path, make_mramg):
     with open(info, "w") as f:
         f.write('{"wit_a": {"image_caption": 1, "image_path": "wit_a.jpg"}, "wit_b": 3}')
     ds = mramg.load_dataset(root, "wit")
-    messages = [p.message for p in ds.report.problems if p.file == info]
-    assert any("'wit_a': missing or non-string 'image_caption'" in m for m in messages)
-    assert any("'wit_b': expected an object" in m for m in messages)
+    messages = [(p.line, p.message) for p in ds.report.problems if p.file == info]
+    assert (1, "image 'wit_a': missing or non-string 'image_caption'") in messages
+    assert (1, "image 'wit_b': expected an object, found 3") in messages
     assert any(p.kind == "unknown_image" and "wit_c" in p.message for p in ds.report.problems)
     json.loads(open(info).read())  # the fixture itself is valid JSON: problems come from content, not syntax
