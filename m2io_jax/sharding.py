@@ -6,8 +6,11 @@ maps to is replicated over the axes that do not divide it (Qwen2.5-3B has 2 KV h
 query heads): we never fail and never shard unevenly. The same model code then runs on one CPU, on 8 fake CPU
 devices and on a TPU pod slice; only the mesh shape in the config changes.
 
-Rules are read from a context (`use_rules`) so that model code and loaders need no extra arguments; the
-defaults below are the FSDP + tensor-parallel layout MaxText calls "fsdp on embed, tensor on heads/mlp".
+Rules are read from a context (`use_rules`) so that model code and loaders need no extra arguments. The
+defaults shard parameters' embedding dimension over `fsdp` and then `data` (ZeRO-3 over every data-parallel
+device: per-device parameter bytes are total / devices) and heads, MLP and vocabulary over `tensor`; the batch
+goes over (`data`, `fsdp`). To keep `data` a pure replica axis (e.g. across DCN slices), map "embed" to
+"fsdp" alone.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ DEFAULT_RULES: Rules = (
     ("cache_length", None),
     # Language-model parameters.
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "data")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -46,7 +49,7 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("norm", None),
     # Vision-tower parameters (their own names: the 3B tower's MLP width 3420 does not divide by 8).
-    ("vision_embed", "fsdp"),
+    ("vision_embed", ("fsdp", "data")),
     ("vision_mlp", "tensor"),
     ("vision_heads", "tensor"),
     ("vision_head_dim", None),
