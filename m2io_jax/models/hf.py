@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -216,20 +216,34 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def export_tensors(model: nnx.Module, specs: Sequence[TensorSpec], dtype: Any = None) -> Iterable[tuple[str, np.ndarray]]:
-    """Yields (hf_name, array) for every checkpoint tensor of `model`, one parameter on the host at a time."""
-    variables = _flat_variables(nnx.state(model))
+def _host_tensors(variables: dict[tuple[str, ...], nnx.Variable], spec: TensorSpec,
+                  dtype: Any) -> list[tuple[str, np.ndarray]]:
+    """The checkpoint tensors of one parameter, gathered to the host and laid out as Hugging Face stores them."""
+    if spec.path not in variables:
+        raise ValueError(f"model has no parameter {spec.path} for tensor {spec.hf_name!r}")
+    full = _to_host(variables[spec.path].get_value())
+    if dtype is not None:
+        full = full.astype(np.dtype(jnp.dtype(dtype)))
+    if spec.num_layers is None:
+        return [(spec.hf_name, np.ascontiguousarray(spec.to_hf(full)))]
+    return [(spec.hf_name.format(layer=i), np.ascontiguousarray(spec.to_hf(full[i])))
+            for i in range(spec.num_layers)]
+
+
+def _plan_shards(variables: dict[tuple[str, ...], nnx.Variable], specs: Sequence[TensorSpec], dtype: Any,
+                 max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Groups parameters into files of at most max_shard_bytes (a larger single parameter gets its own file)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
     for spec in specs:
-        if spec.path not in variables:
-            raise ValueError(f"model has no parameter {spec.path} for tensor {spec.hf_name!r}")
-        full = _to_host(variables[spec.path].get_value())
-        if dtype is not None:
-            full = full.astype(np.dtype(jnp.dtype(dtype)))
-        if spec.num_layers is None:
-            yield spec.hf_name, np.ascontiguousarray(spec.to_hf(full))
-        else:
-            for i in range(spec.num_layers):
-                yield spec.hf_name.format(layer=i), np.ascontiguousarray(spec.to_hf(full[i]))
+        value = variables[spec.path].get_value()
+        nbytes = math.prod(value.shape) * np.dtype(jnp.dtype(dtype or value.dtype)).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
 
 
 def write_safetensors(path: str, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
@@ -259,34 +273,35 @@ def save_checkpoint(
 ) -> None:
     """Writes config.json and the weights; above `max_shard_bytes` per file, a sharded checkpoint with index.
 
-    Only process 0 writes (every process takes part in gathering the arrays).
+    Files are written one at a time, so the host holds at most one file's tensors. Every process takes part
+    in gathering the arrays; only process 0 writes.
     """
     write = jax.process_index() == 0
     if write:
         os.makedirs(directory, exist_ok=True)
-    shards: list[list[tuple[str, np.ndarray]]] = [[]]
-    sizes = [0]
-    for name, array in export_tensors(model, specs, dtype):
-        if shards[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
-            shards.append([])
-            sizes.append(0)
-        shards[-1].append((name, array))
-        sizes[-1] += array.nbytes
+    variables = _flat_variables(nnx.state(model))
+    missing = [spec.path for spec in specs if spec.path not in variables]
+    if missing:
+        raise ValueError(f"model has no parameters {missing}")
+    plan = _plan_shards(variables, specs, dtype, max_shard_bytes)
+    names = [SINGLE_FILE] if len(plan) == 1 else [
+        f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file_name, shard in zip(names, plan):
+        tensors = [t for spec in shard for t in _host_tensors(variables, spec, dtype)]
+        total += sum(array.nbytes for _, array in tensors)
+        weight_map.update({name: file_name for name, _ in tensors})
+        if write:
+            write_safetensors(os.path.join(directory, file_name), tensors)
     if not write:
         return
-    if len(shards) == 1:
-        write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0])
-        stale = os.path.join(directory, INDEX_FILE)
-        if os.path.exists(stale):
-            os.remove(stale)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(os.path.join(directory, file_name), shard)
-            weight_map.update({name: file_name for name, _ in shard})
-        with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2)
+    index_path = os.path.join(directory, INDEX_FILE)
+    if len(plan) > 1:
+        with open(index_path, "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2)
+    elif os.path.exists(index_path):
+        os.remove(index_path)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
 
