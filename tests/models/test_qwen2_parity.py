@@ -1,5 +1,7 @@
 """Logits parity of the Flax Qwen2 port against transformers' PyTorch Qwen2ForCausalLM on the same weights."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -33,8 +35,7 @@ def test_bfloat16_error_at_most_twice_torch_bfloat16(tiny_qwen2, name):
     path, reference = tiny_qwen2[name]
     ids, mask, positions = left_padded_batch(TINY_QWEN2[name]["vocab_size"], (12, 5), seed=3)
     exact = torch_logits(reference, ids, mask, positions)
-    torch_bf16 = torch_logits(reference.to(torch.bfloat16), ids, mask, positions)
-    reference.to(torch.float32)
+    torch_bf16 = torch_logits(copy.deepcopy(reference).to(torch.bfloat16), ids, mask, positions)
     ours = np.asarray(models.from_pretrained(path, dtype=jnp.bfloat16)(jnp.asarray(ids), jnp.asarray(mask)))
     valid = mask.astype(bool)
     our_error = np.abs(ours - exact)[valid].max()
