@@ -44,7 +44,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 
 from m2io_jax import sharding as shd
-from m2io_jax.models.qwen2 import apply_rope, default_positions, rms_norm, rope_cos_sin
+from m2io_jax.models.qwen2 import apply_rope, rms_norm, rope_cos_sin
 
 # -------------------------------------------------------------------------------------------------- buckets
 
@@ -158,7 +158,7 @@ class PrefixCache:
     k: jax.Array  # [L, R, P, KV, hd]
     v: jax.Array  # [L, R, P, KV, hd]
     mask: jax.Array  # [R, P] bool, False on left padding
-    lengths: jax.Array  # [R] int32, prompt lengths (the first generated token's position)
+    next_position: jax.Array  # [R] int32: position of the first generated token (M-RoPE: + rope_deltas)
 
 
 @struct.dataclass
@@ -174,6 +174,18 @@ class DecodeState:
     keys: jax.Array  # [R, G] typed PRNG keys
     suffix_k: jax.Array  # [L, R, G, N, KV, hd]
     suffix_v: jax.Array  # [L, R, G, N, KV, hd]
+
+
+@struct.dataclass
+class PromptBatch:
+    """Left-padded prompts as the prefill program takes them (built on the host)."""
+
+    ids: jax.Array  # [R, P] int32
+    mask: jax.Array  # [R, P] int32, 0 on padding
+    positions: jax.Array  # [R, P] (RoPE) or [3, R, P] (M-RoPE)
+    next_position: jax.Array  # [R] int32: position of the first generated token
+    image_index: jax.Array | None = None  # [R, P] int32: vision feature row of each image token, else -1
+    vision: Any = None  # VisionInputs of all images of the batch, or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,19 +215,29 @@ def _record(state: DecodeState, emitted: jax.Array, logp: jax.Array, stop_tokens
 # ------------------------------------------------------------------------------------------------- prefill
 
 
-def _prefill(program: _Program, params: nnx.State, prompt_ids: jax.Array, prompt_mask: jax.Array,
-             prompt_index: jax.Array, sample_index: jax.Array, max_new: jax.Array, stop_tokens: jax.Array,
+def _language_model(model: nnx.Module) -> nnx.Module:
+    """The Qwen2 decoder of a text model (itself) or of a vision-language model (its `language_model`)."""
+    return getattr(model, "language_model", model)
+
+
+def _prefill(program: _Program, params: nnx.State, prompts: PromptBatch, prompt_index: jax.Array,
+             sample_index: jax.Array, max_new: jax.Array, stop_tokens: jax.Array,
              seed: jax.Array) -> tuple[PrefixCache, DecodeState]:
-    """Runs every prompt once, samples the first token of its G samples and allocates their suffix caches."""
+    """Runs every prompt once (vision tower included), samples the first token of its G samples and allocates
+    their suffix caches."""
     _TRACES["prefill"] += 1
     model = nnx.merge(program.graphdef, params)
-    c = model.config
-    r, p = prompt_ids.shape
+    lm = _language_model(model)
+    c = lm.config
+    r, p = prompts.ids.shape
     g, n = program.num_samples, program.num_new
-    positions = default_positions(prompt_mask)  # [R, P]
-    cache = model.init_cache(r, p)
-    hidden, cache = model.forward(model.embed(prompt_ids), positions=positions, segment_ids=prompt_mask, cache=cache)
-    logits = jnp.einsum("rd,dv->rv", hidden[:, -1], model.lm_head_weight(), preferred_element_type=jnp.float32)
+    if prompts.vision is None:
+        embeds = lm.embed(prompts.ids)
+    else:
+        embeds = model.embed(prompts.ids, image_token_index=prompts.image_index, vision=prompts.vision)
+    hidden, cache = lm.forward(embeds, positions=prompts.positions, segment_ids=prompts.mask,
+                               cache=lm.init_cache(r, p))
+    logits = jnp.einsum("rd,dv->rv", hidden[:, -1], lm.lm_head_weight(), preferred_element_type=jnp.float32)
     keys = row_keys(seed, prompt_index, sample_index)  # [R, G]
     logits = jnp.broadcast_to(logits[:, None], (r, g, logits.shape[-1])).reshape(r * g, -1)
     first, logp = choose_tokens(logits, keys.reshape(-1), jnp.int32(0), temperature=program.temperature,
@@ -228,8 +250,7 @@ def _prefill(program: _Program, params: nnx.State, prompt_ids: jax.Array, prompt
         lengths=jnp.zeros((r, g), jnp.int32), done=jnp.zeros((r, g), bool), max_new=max_new, keys=keys,
         suffix_k=suffix, suffix_v=suffix)
     state = _record(state, first.reshape(r, g), logp.reshape(r, g), stop_tokens, jnp.int32(0))
-    prefix = PrefixCache(k=cache.k, v=cache.v, mask=prompt_mask.astype(bool),
-                         lengths=jnp.sum(prompt_mask, axis=-1).astype(jnp.int32))
+    prefix = PrefixCache(k=cache.k, v=cache.v, mask=prompts.mask.astype(bool), next_position=prompts.next_position)
     return prefix, state
 
 
@@ -269,7 +290,7 @@ def _decode_step(program: _Program, model: nnx.Module, prefix: PrefixCache, stop
     m = r * g
     slot = state.step - 1  # suffix slot of the token fed now
     last = jax.lax.dynamic_index_in_dim(state.tokens, slot, axis=2, keepdims=False)  # [R, G]
-    positions = jnp.broadcast_to(prefix.lengths[:, None] + slot, (r, g)).reshape(m, 1)  # [M, 1]
+    positions = jnp.broadcast_to(prefix.next_position[:, None] + slot, (r, g)).reshape(m, 1)  # [M, 1]
     if c.mrope_section is not None:
         positions = jnp.broadcast_to(positions[None], (3, m, 1))
     cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
@@ -315,7 +336,7 @@ def _decode(program: _Program, params: nnx.State, prefix: PrefixCache, stop_toke
             state: DecodeState) -> DecodeState:
     """Decodes until every row is done or N tokens exist, in stages of growing static suffix span."""
     _TRACES["decode"] += 1
-    model = nnx.merge(program.graphdef, params)
+    model = _language_model(nnx.merge(program.graphdef, params))
     n = program.num_new
     for span in decode_stages(n):
         def cond(s: DecodeState, span=span) -> jax.Array:
@@ -347,10 +368,14 @@ class SampleOutput:
     sample_index: list[int]
 
 
+def _text_config(model: nnx.Module) -> Any:
+    return _language_model(model).config
+
+
 def _validate(model: Any, prompts: Any, max_new_tokens: int, num_samples: int, temperature: float,
               top_k: int | None, top_p: float | None, stop_tokens: Sequence[int]) -> list[list[int]]:
     """Checks the request on the host, before anything is compiled; returns the prompts as int lists."""
-    c = model.config
+    c = _text_config(model)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
@@ -386,6 +411,66 @@ def _validate(model: Any, prompts: Any, max_new_tokens: int, num_samples: int, t
     return out
 
 
+def _image_arrays(item: Any, where: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pixel_values, image_grid_thw) of one prompt's processor output (a mapping or an object), or None."""
+    if item is None:
+        return None
+    get = item.get if isinstance(item, dict) else functools.partial(getattr, item)
+    try:
+        pixels, grid = get("pixel_values"), get("image_grid_thw")
+    except (KeyError, AttributeError) as e:
+        raise ValueError(f"{where}: expected the processor output of one prompt with 'pixel_values' and "
+                         f"'image_grid_thw'; got {type(item).__name__}") from e
+    if pixels is None or grid is None:
+        return None
+    return np.asarray(pixels, np.float32), np.asarray(grid, np.int64).reshape(-1, 3)
+
+
+def _check_images(model: nnx.Module, prompts: list[list[int]], images: Any) -> list[Any] | None:
+    """Validates `images` against the model and the prompts; returns one item (or None) per prompt."""
+    if images is None:
+        return None
+    if not hasattr(model, "language_model"):
+        raise ValueError(f"images were given but {type(model).__name__} is a text-only model")
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) != len(prompts):
+        raise ValueError(f"images must be a list with one processor output (or None) per prompt: "
+                         f"{len(prompts)} prompts")
+    from m2io_jax.models.qwen2_5_vl import num_image_tokens
+
+    config = model.config
+    for i, (prompt, item) in enumerate(zip(prompts, images)):
+        arrays = _image_arrays(item, f"images[{i}]")
+        found = sum(t == config.image_token_id for t in prompt)
+        needed = 0 if arrays is None else int(num_image_tokens(arrays[1], config.vision.spatial_merge_size).sum())
+        if found != needed:
+            raise ValueError(f"prompts[{i}] holds {found} image tokens (id {config.image_token_id}) but images[{i}] "
+                             f"gives {needed} vision features")
+    return list(images)
+
+
+def _prompt_batch(model: nnx.Module, prompts: list[list[int]], images: list[Any] | None, rows: int,
+                  length: int) -> PromptBatch:
+    """Left-pads `prompts` to [rows, length] (extra rows: one-token dummies) with positions; numpy arrays."""
+    ids = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for i, prompt in enumerate(prompts):
+        ids[i, length - len(prompt):] = prompt
+        mask[i, length - len(prompt):] = 1
+    mask[len(prompts):, -1] = 1
+    lengths = mask.sum(axis=-1).astype(np.int32)
+    if not hasattr(model, "language_model"):
+        positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int32)
+        return PromptBatch(ids=ids, mask=mask, positions=positions, next_position=lengths)
+    from m2io_jax.models.qwen2_5_vl import prepare_inputs
+
+    found = [a for a in (_image_arrays(x, f"images[{i}]") for i, x in enumerate(images or [])) if a is not None]
+    pixels = np.concatenate([a[0] for a in found]) if found else None
+    grid = np.concatenate([a[1] for a in found]) if found else None
+    inputs = prepare_inputs(model.config, ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid)
+    return PromptBatch(ids=ids, mask=mask, positions=inputs.positions, next_position=lengths + inputs.rope_deltas,
+                       image_index=inputs.image_token_index, vision=inputs.vision)
+
+
 def sampling_rules(rules: shd.Rules | None = None) -> shd.Rules:
     """The logical-axis rules for sampling: parameters lose the fsdp axis (no all-gather per token)."""
     activations = {"batch", "length", "cache_length"}
@@ -415,25 +500,23 @@ def sampling_params(model: nnx.Module) -> tuple[Any, nnx.State, jax.sharding.Mes
     return graphdef, params, mesh
 
 
-def _sample(model: nnx.Module, prompts: list[list[int]], prompt_index: np.ndarray, sample_index: np.ndarray, *,
-            max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-            stop_tokens: Sequence[int], seed: int, buckets: Buckets) -> SampleOutput:
+def _sample(model: nnx.Module, prompts: list[list[int]], images: list[Any] | None, prompt_index: np.ndarray,
+            sample_index: np.ndarray, *, max_new_tokens: int, temperature: float, top_k: int | None,
+            top_p: float | None, stop_tokens: Sequence[int], seed: int, buckets: Buckets) -> SampleOutput:
     """Prefills rows `prompts` once each and decodes sample_index.shape[1] samples per row."""
     rows, g = sample_index.shape
     p = bucket_size(max(len(x) for x in prompts), buckets.prompt_lengths, buckets.min_prompt_length, "prompt length")
     n = bucket_size(max_new_tokens, buckets.new_token_lengths, buckets.min_new_tokens, "max_new_tokens")
-    graphdef, params, mesh = sampling_params(model)
-    batch_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     r = bucket_size(rows, buckets.batch_sizes, buckets.min_batch_size, "batch size")
-    r = -(-r // batch_multiple) * batch_multiple if buckets.batch_sizes is None else r
+    batch = _prompt_batch(model, prompts, images, r, p)
+    graphdef, params, mesh = sampling_params(model)
+    if mesh is not None and buckets.batch_sizes is None:
+        multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+        if r % multiple:
+            r = -(-r // multiple) * multiple
+            batch = _prompt_batch(model, prompts, images, r, p)
 
-    ids = np.zeros((r, p), np.int32)
-    mask = np.zeros((r, p), np.int32)
-    for i, prompt in enumerate(prompts):
-        ids[i, p - len(prompt):] = prompt
-        mask[i, p - len(prompt):] = 1
-    mask[rows:, -1] = 1  # batch padding: one-token dummy prompts, done after their first token
-    budget = np.ones((r, g), np.int32)
+    budget = np.ones((r, g), np.int32)  # batch-padding rows are done after their first token
     budget[:rows] = max_new_tokens
     p_index = np.zeros((r,), np.int32)
     p_index[:rows] = prompt_index
@@ -443,13 +526,13 @@ def _sample(model: nnx.Module, prompts: list[list[int]], prompt_index: np.ndarra
 
     program = _Program(graphdef=graphdef, num_samples=g, num_new=n, temperature=float(temperature),
                        top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p))
-    args = (ids, mask, p_index, s_index, budget, stops, np.uint32(seed))
+    per_row = (p_index, s_index, budget)
     if mesh is not None:
-        batch = NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-        args = tuple(jax.device_put(a, batch) if i in (0, 1, 2, 3, 4) else a for i, a in enumerate(args))
+        rows_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        per_row = tuple(jax.device_put(a, rows_sharding) for a in per_row)
     with _maybe_mesh(mesh), shd.use_rules(sampling_rules()):
-        prefix, state = _prefill_jit(program, params, *args)
-        state = _decode_jit(program, params, prefix, args[5], state)
+        prefix, state = _prefill_jit(program, params, batch, *per_row, stops, np.uint32(seed))
+        state = _decode_jit(program, params, prefix, stops, state)
     tokens, logprobs, lengths = jax.device_get((state.tokens, state.logprobs, state.lengths))
     out_tokens, out_logprobs, out_prompt, out_sample = [], [], [], []
     for i in range(rows):
@@ -469,48 +552,53 @@ def _maybe_mesh(mesh: jax.sharding.Mesh | None):
 def generate(
     model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, num_samples: int = 1,
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-    stop_tokens: Sequence[int] = (), seed: int = 0, images: Any = None,
+    stop_tokens: Sequence[int] = (), seed: int = 0, images: Sequence[Any] | None = None,
 ) -> SampleOutput:
-    """Samples `num_samples` completions per prompt, prefilling each prompt once.
+    """Samples `num_samples` completions per prompt, prefilling each prompt (and its images) once.
 
     Args:
-      model: a `Qwen2ForCausalLM` (parameters on one device or sharded on a mesh).
-      prompts: token-id lists (any lengths; left-padded to a bucket internally).
+      model: a `Qwen2ForCausalLM` or `Qwen2_5_VLForConditionalGeneration` (on one device or sharded on a mesh).
+      prompts: token-id lists (any lengths; left-padded to a bucket internally). For the VL model, each image
+        appears as its run of `<|image_pad|>` tokens, as the processor expands them.
       max_new_tokens: new tokens per sample (fewer when a stop token is emitted).
       num_samples: samples per prompt (GRPO's G); samples of one prompt are adjacent in the output.
       temperature: 0 for greedy decoding.
       top_k, top_p: optional filters applied to logits / temperature before the draw.
       stop_tokens: token ids that end a sample (the stop token is returned).
       seed: the sample of prompt p with index g uses key fold_in(fold_in(key(seed), p), g).
-      images: processor outputs for a vision-language model (must be None for a text model).
+      images: VL model only: per prompt, its processor output (a mapping or object with `pixel_values` and
+        `image_grid_thw`, e.g. `{"pixel_values": ..., "image_grid_thw": ...}`) or None for a text-only prompt.
 
     Returns:
       `SampleOutput` with tokens, logprobs, prompt_index, sample_index (len(prompts) * num_samples rows).
     """
-    if images is not None:
-        raise ValueError(f"images were given but {type(model).__name__} is a text-only model")
     clean = _validate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_tokens)
+    images = _check_images(model, clean, images)
     b = len(clean)
     prompt_index = np.arange(b, dtype=np.int32)
     sample_index = np.broadcast_to(np.arange(num_samples, dtype=np.int32), (b, num_samples))
-    return _sample(model, clean, prompt_index, sample_index, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed, buckets=DEFAULT_BUCKETS)
+    return _sample(model, clean, images, prompt_index, sample_index, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+                   buckets=DEFAULT_BUCKETS)
 
 
 def generate_repeated(
     model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, num_samples: int = 1,
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-    stop_tokens: Sequence[int] = (), seed: int = 0,
+    stop_tokens: Sequence[int] = (), seed: int = 0, images: Sequence[Any] | None = None,
 ) -> SampleOutput:
-    """`generate` the way peers do it: every prompt repeated `num_samples` times and prefilled once per copy.
+    """`generate` the way peers do it: every prompt (and its images) repeated `num_samples` times and prefilled
+    once per copy.
 
     Same keys per (prompt, sample), hence the same samples as `generate`; used to test and to measure what
     prefix sharing saves.
     """
     clean = _validate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_tokens)
+    images = _check_images(model, clean, images)
     repeated = [x for x in clean for _ in range(num_samples)]
+    repeated_images = None if images is None else [x for x in images for _ in range(num_samples)]
     prompt_index = np.repeat(np.arange(len(clean), dtype=np.int32), num_samples)
     sample_index = np.tile(np.arange(num_samples, dtype=np.int32), len(clean))[:, None]
-    return _sample(model, repeated, prompt_index, sample_index, max_new_tokens=max_new_tokens,
+    return _sample(model, repeated, repeated_images, prompt_index, sample_index, max_new_tokens=max_new_tokens,
                    temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
                    buckets=DEFAULT_BUCKETS)
