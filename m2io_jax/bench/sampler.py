@@ -1,0 +1,248 @@
+"""GRPO group sampling throughput: m2io_jax's shared-prefix sampler against transformers and tunix.
+
+    python -m m2io_jax.bench.sampler [--size 40m|150m] [--workloads 1024x128,128x128] [--scaling]
+
+One random Qwen2 (tied embeddings, vocabulary 32,000; `40m`: width 512, 8 layers; `150m`: width 1024,
+10 layers) is written once as a Hugging Face safetensors checkpoint and loaded by all three engines, float32,
+on the same CPU threads. Each workload is 8 prompts of P random tokens x G = 8 samples, temperature 1, exactly
+N new tokens (no stop token), counted as 8 * G * N tokens:
+
+- m2io_jax `sampling.generate(num_samples=G)`: each prompt prefilled once, G samples share its cache;
+- transformers `generate(do_sample=True, num_return_sequences=G, top_k=0)`: prompts expanded G times;
+- tunix `Sampler` (its own Qwen2 loaded by `create_model_from_safe_tensors`): prompts repeated G times, as
+  its GRPO learner does.
+
+Compilation is excluded (one warm-up call of the same shapes for the JAX engines). Beside each ratio the FLOP
+ceiling of prefill sharing: analytic FLOPs of sampling with G prefills per prompt over FLOPs with one (matmul
+and attention FLOPs, an LM head on generated tokens only), i.e. the speed-up sharing gives an engine whose time
+is proportional to FLOPs. `--scaling` prints m2io_jax tokens/s for G in 1, 4, 8, 16 and P from 128 to 2048.
+The last line is one JSON object (the main workload: the first of `--workloads`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=1024),
+    "40m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=1536, vocab_size=32000),
+    "150m": dict(hidden_size=1024, num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=4,
+                 intermediate_size=2816, vocab_size=32000),
+}
+NUM_PROMPTS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    prompt: int
+    new: int
+    samples: int = 8
+
+    @property
+    def tokens(self) -> int:
+        return NUM_PROMPTS * self.samples * self.new
+
+    def __str__(self) -> str:
+        return f"{self.prompt}+{self.new}"
+
+
+def model_flops(shape: dict, w: Workload, *, shared: bool) -> float:
+    """Analytic FLOPs of sampling `w` (one prefill per prompt when `shared`, else one per sample)."""
+    d, layers, heads, kv = (shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"],
+                            shape["num_key_value_heads"])
+    hd = d // heads
+    per_layer = d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * shape["intermediate_size"]
+    matmul = 2 * layers * per_layer  # per token
+
+    def tokens(start: int, count: int) -> float:  # matmuls + attention over a growing context
+        ctx = count * start + count * (count + 1) / 2
+        return matmul * count + 4 * layers * heads * hd * ctx
+
+    head = 2 * d * shape["vocab_size"]
+    prefill = tokens(0, w.prompt) * NUM_PROMPTS * (1 if shared else w.samples)
+    decode = (tokens(w.prompt, w.new) + head * w.new) * NUM_PROMPTS * w.samples
+    return prefill + decode
+
+
+def sharing_ceiling(shape: dict, w: Workload) -> float:
+    return model_flops(shape, w, shared=False) / model_flops(shape, w, shared=True)
+
+
+def write_checkpoint(shape: dict, directory: str, max_length: int):
+    """A random transformers Qwen2ForCausalLM saved to `directory`; returns the torch model."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                         max_position_embeddings=max_length, **shape)
+    model = Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def random_prompts(vocab: int, w: Workload, seed: int = 0) -> list[list[int]]:
+    rng = np.random.RandomState(seed)
+    return [rng.randint(1, vocab - 1, w.prompt).tolist() for _ in range(NUM_PROMPTS)]
+
+
+def time_m2io(model, prompts, w: Workload, *, repeated: bool = False) -> float:
+    from m2io_jax import sampling
+
+    fn = sampling.generate_repeated if repeated else sampling.generate
+    kwargs = dict(max_new_tokens=w.new, num_samples=w.samples, temperature=1.0)
+    fn(model, prompts, **kwargs, seed=1)  # compile
+    start = time.perf_counter()
+    out = fn(model, prompts, **kwargs, seed=2)
+    elapsed = time.perf_counter() - start
+    assert sum(len(t) for t in out.tokens) == w.tokens
+    return elapsed
+
+
+def time_transformers(model, prompts, w: Workload) -> float:
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    with torch.no_grad():
+        model.generate(ids[:1, :8], attention_mask=torch.ones_like(ids[:1, :8]), do_sample=True, max_new_tokens=2)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, num_return_sequences=w.samples, max_new_tokens=w.new, min_new_tokens=w.new,
+                             eos_token_id=None, pad_token_id=0)
+        elapsed = time.perf_counter() - start
+    assert out.shape == (NUM_PROMPTS * w.samples, w.prompt + w.new)
+    return elapsed
+
+
+class _IdTokenizer:
+    """tunix tokenizer adapter over space-separated token ids (prompts are already token ids)."""
+
+    def encode(self, text: str, **_) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, **_) -> str:
+        return " ".join(str(int(t)) for t in ids)
+
+    def bos_id(self):
+        return None
+
+    def eos_id(self) -> int:
+        return -1
+
+    def pad_id(self) -> int:
+        return 0
+
+
+def time_tunix(directory: str, shape: dict, prompts, w: Workload) -> float:
+    from tunix.generate.sampler import CacheConfig, Sampler
+    from tunix.models.qwen2 import model as tunix_model
+    from tunix.models.qwen2 import params as tunix_params
+
+    d, heads = shape["hidden_size"], shape["num_attention_heads"]
+    config = tunix_model.ModelConfig(
+        num_layers=shape["num_hidden_layers"], vocab_size=shape["vocab_size"], embed_dim=d,
+        hidden_dim=shape["intermediate_size"], num_heads=heads, head_dim=d // heads,
+        num_kv_heads=shape["num_key_value_heads"], rope_theta=1_000_000, norm_eps=1e-6, use_tied_embedding=True)
+    model = tunix_params.create_model_from_safe_tensors(directory, config)
+    sampler = Sampler(model, _IdTokenizer(), CacheConfig(cache_size=w.prompt + w.new, num_layers=config.num_layers,
+                                                         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim))
+    texts = [" ".join(map(str, p)) for p in prompts for _ in range(w.samples)]
+    kwargs = dict(max_generation_steps=w.new, max_prompt_length=w.prompt, temperature=1.0, top_p=1.0,
+                  eos_tokens=[-1])
+    sampler(texts, **kwargs, seed=1)  # compile
+    start = time.perf_counter()
+    out = sampler(texts, **kwargs, seed=2)
+    elapsed = time.perf_counter() - start
+    assert sum(len(t) for t in out.tokens) == w.tokens
+    return elapsed
+
+
+def run_workload(args, shape, directory, torch_model, model, w: Workload) -> dict:
+    prompts = random_prompts(shape["vocab_size"], w)
+    seconds = {"m2io_jax": time_m2io(model, prompts, w)}
+    if args.repeated:
+        seconds["m2io_jax_repeated_prefill"] = time_m2io(model, prompts, w, repeated=True)
+    if not args.skip_peers:
+        seconds["transformers"] = time_transformers(torch_model, prompts, w)
+        seconds["tunix"] = time_tunix(directory, shape, prompts, w)
+    tps = {k: w.tokens / v for k, v in seconds.items()}
+    ceiling = sharing_ceiling(shape, w)
+    print(f"\n{args.size} model, prompt {w.prompt} + {w.new} new, {NUM_PROMPTS} prompts x G={w.samples} "
+          f"({w.tokens} tokens); FLOP ceiling of prefill sharing {ceiling:.2f}x")
+    print(f"  {'engine':28s} {'seconds':>8s} {'tokens/s':>9s} {'m2io_jax speed-up':>18s}")
+    for name, s in seconds.items():
+        ratio = seconds[name] / seconds["m2io_jax"]
+        print(f"  {name:28s} {s:8.2f} {tps[name]:9.1f} {ratio:12.2f}x  (ceiling {ceiling:.2f}x)")
+    return {"workload": str(w), "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+            "ratios": {f"vs_{k}": round(seconds[k] / seconds["m2io_jax"], 2) for k in seconds if k != "m2io_jax"},
+            "flop_ceiling": round(ceiling, 2)}
+
+
+def run_scaling(args, shape, model) -> list[dict]:
+    rows = []
+    new = args.scaling_new
+    print(f"\nm2io_jax scaling ({args.size}, {NUM_PROMPTS} prompts, {new} new tokens): tokens/s "
+          f"(FLOP ceiling of prefill sharing)")
+    print("  prompt " + "".join(f"{'G=' + str(g):>18s}" for g in (1, 4, 8, 16)))
+    for p in (128, 512, 1024, 2048):
+        cells = []
+        for g in (1, 4, 8, 16):
+            w = Workload(p, new, g)
+            tps = w.tokens / time_m2io(model, random_prompts(shape["vocab_size"], w), w)
+            ceiling = sharing_ceiling(shape, w)
+            rows.append({"prompt": p, "samples": g, "tokens_per_s": round(tps, 1), "flop_ceiling": round(ceiling, 2)})
+            cells.append(f"{tps:9.1f} ({ceiling:4.2f}x)")
+        print(f"  {p:6d} " + "".join(f"{c:>18s}" for c in cells), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="40m")
+    parser.add_argument("--workloads", default="1024x128,128x128", help="PROMPTxNEW,... (the first is the main one)")
+    parser.add_argument("--samples", type=int, default=8, help="G, samples per prompt")
+    parser.add_argument("--scaling", action="store_true", help="only the m2io_jax scaling table")
+    parser.add_argument("--scaling-new", type=int, default=64, help="new tokens in the scaling table")
+    parser.add_argument("--repeated", action="store_true", help="also time m2io_jax without prefix sharing")
+    parser.add_argument("--skip-peers", action="store_true", help="time m2io_jax only")
+    args = parser.parse_args()
+
+    import jax
+    import torch
+
+    from m2io_jax import models, sampling
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    shape = SIZES[args.size]
+    workloads = [Workload(*map(int, x.split("x")), args.samples) for x in args.workloads.split(",")]
+    max_length = max(4096, max(w.prompt + w.new for w in workloads))
+    print(f"devices: {jax.devices()}; torch threads {threads}; jax {jax.__version__}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as directory:
+        torch_model = write_checkpoint(shape, directory, max_length)
+        n_params = sum(p.numel() for p in torch_model.parameters())
+        print(f"model {args.size}: {n_params / 1e6:.1f}M parameters (tied embeddings), float32")
+        model = models.from_pretrained(directory)
+        if args.scaling:
+            result = {"size": args.size, "scaling": run_scaling(args, shape, model)}
+        else:
+            results = [run_workload(args, shape, directory, torch_model, model, w) for w in workloads]
+            main_result = results[0]
+            result = {"size": args.size, "main_workload": main_result["workload"],
+                      "tokens_per_s": main_result["tokens_per_s"], "ratios": main_result["ratios"],
+                      "flop_ceiling": main_result["flop_ceiling"], "other_workloads": results[1:],
+                      "compiles": sampling.compile_counts()}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
