@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from m2io_jax.sharding import constrain
 
 
 _NEG_INF = float(np.finfo(np.float32).min)
@@ -469,9 +470,10 @@ class VisionTower(nnx.Module):
         """Returns `[F, out_hidden_size]` merged features; rows past the batch's real feature count are padding."""
         cfg, dt = self.config, self.config.dtype
         x = jnp.einsum("wlp,pd->wld", inputs.patches.astype(dt), self.patch_embed[...].astype(dt))
+        x = constrain(x, ("batch", None, "act_embed"))  # windows spread over the data-parallel axes
         cos, sin = vision_rotary(inputs.patch_hw, cfg.head_dim)
         for block in self.blocks:
-            x = block(x, cos, sin, inputs)
+            x = constrain(block(x, cos, sin, inputs), ("batch", None, "act_embed"))
         return self.merger(x)[inputs.feature_gather]
 
 
