@@ -229,7 +229,6 @@ def plan_vision_inputs(pixel_values: Any, image_grid_thw: Any, config: VisionCon
             frame_windows.append(range(first, len(windows)))
             unit_hw.append(np.stack([rows.reshape(-1) * m, cols.reshape(-1) * m], axis=-1))
         offset += t * gh * gw
-    num_units = offset
     unit_hw_all = np.concatenate(unit_hw, axis=0)  # [U, 2]
 
     num_windows = _pick_bucket(len(windows), buckets.windows, "vision windows in the batch")
@@ -241,7 +240,8 @@ def plan_vision_inputs(pixel_values: Any, image_grid_thw: Any, config: VisionCon
     sub = np.arange(unit)
     src = (np.maximum(slot_unit, 0)[..., None] * unit + sub).reshape(num_windows, window_len)
     window_valid = np.repeat(valid_unit, unit, axis=1)
-    patches = np.where(window_valid[..., None], pixel_values[src], 0).astype(pixel_values.dtype)
+    patches = np.zeros((num_windows, window_len, config.patch_dim), pixel_values.dtype)
+    patches[window_valid] = pixel_values[src[window_valid]]
     sub_hw = np.stack([sub // m, sub % m], axis=-1)  # [unit, 2]
     patch_hw = (unit_hw_all[np.maximum(slot_unit, 0)][:, :, None, :] + sub_hw).reshape(num_windows, window_len, 2)
     patch_hw = np.where(window_valid[..., None], patch_hw, 0).astype(np.int32)
@@ -261,7 +261,6 @@ def plan_vision_inputs(pixel_values: Any, image_grid_thw: Any, config: VisionCon
     feature_gather = np.zeros((num_windows * units_per_window,), dtype=np.int32)
     flat_units = slot_unit.reshape(-1)
     feature_gather[flat_units[flat_units >= 0]] = np.flatnonzero(flat_units >= 0)
-    assert int((flat_units >= 0).sum()) == num_units
     return VisionInputs(patches=patches, patch_hw=patch_hw, window_valid=window_valid, image_gather=image_gather,
                         image_valid=image_valid, window_scatter=window_scatter, feature_gather=feature_gather)
 
@@ -297,9 +296,8 @@ def mrope_positions(input_ids: Any, image_grid_thw: Any | None, *, image_token_i
         pos, i = 0, 0
         while i < len(ids):
             if ids[i] != image_token_id:
-                j = i
-                while j < len(ids) and ids[j] != image_token_id:
-                    j += 1
+                ahead = np.flatnonzero(ids[i:] == image_token_id)
+                j = i + int(ahead[0]) if len(ahead) else len(ids)
                 out[:, i:j] = pos + np.arange(j - i)
                 pos += j - i
                 i = j
