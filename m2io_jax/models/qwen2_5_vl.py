@@ -91,9 +91,11 @@ class VisionConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision_config: hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+            raise ValueError(f"vision_config: hidden_size {self.hidden_size} is not a multiple of num_heads "
+                             f"{self.num_heads}")
         if (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"vision_config: head_dim {self.hidden_size // self.num_heads} must be a multiple of 4 (2-D rotary)")
+            raise ValueError(f"vision_config: head_dim {self.hidden_size // self.num_heads} must be a multiple of 4 "
+                             f"(2-D rotary)")
         if self.window_size % (self.spatial_merge_size * self.patch_size):
             raise ValueError(
                 f"vision_config: window_size {self.window_size} is not a multiple of "
@@ -390,7 +392,8 @@ class VisionBlock(nnx.Module):
     """Pre-norm transformer block: (window or full) attention with 2-D rotary, then a SwiGLU MLP."""
 
     def __init__(self, config: VisionConfig, *, full_attention: bool, rngs: nnx.Rngs):
-        d, h, hd, f, dt = config.hidden_size, config.num_heads, config.head_dim, config.intermediate_size, config.param_dtype
+        d, h, hd, f = config.hidden_size, config.num_heads, config.head_dim, config.intermediate_size
+        dt = config.param_dtype
         self.config = config
         self.full_attention = full_attention
         self.norm1 = _param(rngs, (d,), ("vision_norm",), dt, "ones")
@@ -416,12 +419,11 @@ class VisionBlock(nnx.Module):
         q = (qkv[0].astype(jnp.float32) * c + _rotate_half(qkv[0].astype(jnp.float32)) * s).astype(dt)
         k = (qkv[1].astype(jnp.float32) * c + _rotate_half(qkv[1].astype(jnp.float32)) * s).astype(dt)
         v = qkv[2]
-        if self.full_attention:
-            rows, row_len = inputs.image_gather.shape
-            flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731  [W*L, H, hd]
-            q, k, v = (flat(a)[inputs.image_gather] for a in (q, k, v))  # [I, S, H, hd]
+        if self.full_attention:  # window layout -> one row per image -> attention -> back
+            q, k, v = (a.reshape(-1, *a.shape[2:])[inputs.image_gather] for a in (q, k, v))  # [I, S, H, hd]
             out = _attention(q, k, v, inputs.image_valid)
-            out = out.reshape(rows * row_len, *out.shape[2:])[inputs.window_scatter].reshape(x.shape[:2] + out.shape[2:])
+            out = out.reshape(-1, *out.shape[2:])[inputs.window_scatter]  # [W * L, H, hd]
+            out = out.reshape(x.shape[:2] + out.shape[1:])
         else:
             out = _attention(q, k, v, inputs.window_valid)
         x = x + jnp.einsum("wlhe,hed->wld", out, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)

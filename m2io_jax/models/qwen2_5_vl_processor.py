@@ -111,11 +111,10 @@ class Qwen2_5_VLProcessor:
         self.config = config
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         self.max_input_pixels = max_input_pixels
-        if image_processor.merge_size != config.vision.spatial_merge_size or \
-                image_processor.patch_size != config.vision.patch_size:
-            raise ValueError(f"image processor (patch {image_processor.patch_size}, merge {image_processor.merge_size}) "
-                             f"does not match the model (patch {config.vision.patch_size}, merge "
-                             f"{config.vision.spatial_merge_size})")
+        ours = (image_processor.patch_size, image_processor.merge_size)
+        model = (config.vision.patch_size, config.vision.spatial_merge_size)
+        if ours != model:
+            raise ValueError(f"image processor (patch, merge) = {ours} does not match the model's {model}")
         pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         if pad_id != config.image_token_id:
             raise ValueError(f"tokenizer maps {IMAGE_PAD} to {pad_id}, the model config expects image_token_id "
