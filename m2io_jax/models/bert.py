@@ -39,6 +39,8 @@ import safetensors.numpy
 import tokenizers
 from flax import nnx
 
+from m2io_jax import sharding
+
 MODEL_TYPE = "bert"
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -145,8 +147,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, *, dtype: Any, rngs: nnx.Rngs):
         self.eps = eps
-        self.scale = _param(rngs, (dim,), ("embed",), dtype, "ones")
-        self.bias = _param(rngs, (dim,), ("embed",), dtype, "zeros")
+        self.scale = _param(rngs, (dim,), ("encoder_embed",), dtype, "ones")
+        self.bias = _param(rngs, (dim,), ("encoder_embed",), dtype, "zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -161,9 +163,9 @@ class Embeddings(nnx.Module):
 
     def __init__(self, config: BertConfig, *, dtype: Any, rngs: nnx.Rngs):
         d = config.hidden_size
-        self.word = _param(rngs, (config.vocab_size, d), ("vocab", "embed"), dtype, "normal")
-        self.position = _param(rngs, (config.max_position_embeddings, d), (None, "embed"), dtype, "normal")
-        self.token_type = _param(rngs, (config.type_vocab_size, d), (None, "embed"), dtype, "normal")
+        self.word = _param(rngs, (config.vocab_size, d), ("encoder_vocab", "encoder_embed"), dtype, "normal")
+        self.position = _param(rngs, (config.max_position_embeddings, d), (None, "encoder_embed"), dtype, "normal")
+        self.token_type = _param(rngs, (config.type_vocab_size, d), (None, "encoder_embed"), dtype, "normal")
         self.norm = LayerNorm(d, config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, ids: jax.Array, position_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
@@ -177,10 +179,10 @@ class SelfAttention(nnx.Module):
     def __init__(self, config: BertConfig, *, dtype: Any, rngs: nnx.Rngs):
         d, h, hd = config.hidden_size, config.num_heads, config.head_dim
         for name in ("query", "key", "value"):
-            setattr(self, f"{name}_kernel", _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype, "normal"))
-            setattr(self, f"{name}_bias", _param(rngs, (h, hd), ("heads", "head_dim"), dtype, "zeros"))
-        self.out_kernel = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype, "normal")
-        self.out_bias = _param(rngs, (d,), ("embed",), dtype, "zeros")
+            setattr(self, f"{name}_kernel", _param(rngs, (d, h, hd), ("encoder_embed", "encoder_heads", "head_dim"), dtype, "normal"))
+            setattr(self, f"{name}_bias", _param(rngs, (h, hd), ("encoder_heads", "head_dim"), dtype, "zeros"))
+        self.out_kernel = _param(rngs, (h, hd, d), ("encoder_heads", "head_dim", "encoder_embed"), dtype, "normal")
+        self.out_bias = _param(rngs, (d,), ("encoder_embed",), dtype, "zeros")
 
     def __call__(self, x: jax.Array, attention_bias: jax.Array) -> jax.Array:
         q = jnp.einsum("btd,dhk->bthk", x, self.query_kernel[...]) + self.query_bias[...]  # [B, T, H, Dh]
@@ -200,10 +202,10 @@ class Layer(nnx.Module):
         self.activation = config.hidden_act
         self.attention = SelfAttention(config, dtype=dtype, rngs=rngs)
         self.attention_norm = LayerNorm(d, config.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp_in_kernel = _param(rngs, (d, f), ("embed", "mlp"), dtype, "normal")
-        self.mlp_in_bias = _param(rngs, (f,), ("mlp",), dtype, "zeros")
-        self.mlp_out_kernel = _param(rngs, (f, d), ("mlp", "embed"), dtype, "normal")
-        self.mlp_out_bias = _param(rngs, (d,), ("embed",), dtype, "zeros")
+        self.mlp_in_kernel = _param(rngs, (d, f), ("encoder_embed", "encoder_mlp"), dtype, "normal")
+        self.mlp_in_bias = _param(rngs, (f,), ("encoder_mlp",), dtype, "zeros")
+        self.mlp_out_kernel = _param(rngs, (f, d), ("encoder_mlp", "encoder_embed"), dtype, "normal")
+        self.mlp_out_bias = _param(rngs, (d,), ("encoder_embed",), dtype, "zeros")
         self.mlp_norm = LayerNorm(d, config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, attention_bias: jax.Array) -> jax.Array:
@@ -217,7 +219,7 @@ class Pooler(nnx.Module):
 
     def __init__(self, config: BertConfig, *, dtype: Any, rngs: nnx.Rngs):
         d = config.hidden_size
-        self.kernel = _param(rngs, (d, d), ("embed", None), dtype, "normal")
+        self.kernel = _param(rngs, (d, d), ("encoder_embed", None), dtype, "normal")
         self.bias = _param(rngs, (d,), (None,), dtype, "zeros")
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
@@ -358,9 +360,8 @@ def _place(value: np.ndarray, variable: nnx.Variable, dtype: Any, mesh: Any) -> 
     array = np.asarray(value, dtype=jnp.dtype(dtype))
     if mesh is None:
         return jnp.asarray(array)
-    from m2io_jax import sharding  # noqa: PLC0415  (the sharding rules are only needed on a mesh)
-
-    return jax.device_put(array, sharding.named_sharding(mesh, variable.get_metadata().get("logical_axes")))
+    spec = sharding.logical_to_spec(sharding.variable_logical_axes(variable), array.shape, mesh)
+    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
 
 
 def load_model(path: str, config: BertConfig, *, dtype: Any = jnp.float32, mesh: Any = None) -> BertModel:

@@ -1,0 +1,129 @@
+"""A tiny random BERT: Hugging Face round trip, layer-wise parity with transformers, mesh loading."""
+
+import jax
+import numpy as np
+import pytest
+import tokenizers
+from flax import nnx
+from tokenizers import decoders, normalizers, pre_tokenizers, processors, trainers
+
+from m2io_jax import models, sharding
+from m2io_jax.models import bert
+
+_TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "retrieval augmented generation with images",
+    "a recipe for bread: flour, water, salt and yeast",
+    "press the reset button for ten seconds",
+]
+_CONFIG = bert.BertConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=64
+)
+
+
+def _tokenizer() -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(_TEXTS * 4, trainers.WordPieceTrainer(vocab_size=_CONFIG.vocab_size, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    encoder = bert.SentenceEncoder(
+        bert.BertModel(_CONFIG, rngs=nnx.Rngs(0)), _tokenizer(), bert.PoolingConfig("mean", True, 16)
+    )
+    path = str(tmp_path_factory.mktemp("tiny_bert"))
+    models.save_pretrained(encoder, path)
+    return encoder, path
+
+
+def test_round_trip_through_registry(saved):
+    encoder, path = saved
+    loaded = models.from_pretrained(path)
+    assert loaded.model.config == _CONFIG
+    assert loaded.pooling == encoder.pooling
+    np.testing.assert_array_equal(loaded.encode(_TEXTS), encoder.encode(_TEXTS))
+
+
+def test_hidden_states_match_transformers_every_layer(saved):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    encoder, path = saved
+    reference = transformers.BertModel.from_pretrained(path).eval()
+    texts = _TEXTS + ["short", "a longer sentence about bread and the reset button and a fox " * 3]
+    states, ids = encoder.token_embeddings(texts, max_length=40)
+    assert max(len(i) for i in ids) == 40  # truncated at max_length
+    for layer in range(_CONFIG.num_layers + 1):
+        ours, _ = encoder.token_embeddings(texts, layer=layer, max_length=40)
+        for i, token_ids in enumerate(ids):
+            with torch.no_grad():
+                out = reference(torch.tensor([token_ids]), output_hidden_states=True)
+            np.testing.assert_allclose(ours[i], out.hidden_states[layer][0].numpy(), atol=2e-5, err_msg=f"layer {layer}")
+    np.testing.assert_array_equal(states[0], ours[0])  # the default layer is the last one
+
+
+def test_sentence_transformers_loads_what_we_save(saved):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    encoder, path = saved
+    reference = sentence_transformers.SentenceTransformer(path, device="cpu").encode(_TEXTS)
+    np.testing.assert_allclose(encoder.encode(_TEXTS), reference, atol=2e-5)
+
+
+def test_loading_on_a_mesh_matches_single_device(saved):
+    encoder, path = saved
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with sharding.use_rules(sharding.DEFAULT_RULES + (("encoder_heads", "tensor"), ("encoder_mlp", "tensor"))):
+        sharded = models.from_pretrained(path, mesh=mesh)
+    kernel = sharded.model.layers[0].mlp_in_kernel.get_value()
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+    with jax.set_mesh(mesh):
+        np.testing.assert_allclose(sharded.encode(_TEXTS), encoder.encode(_TEXTS), atol=1e-5)
+
+
+def test_pooling_modes(saved):
+    encoder, _ = saved
+    ids = np.array([[2, 7, 9, 3, 0, 0]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    graphdef, state = nnx.split(encoder.model)
+    hidden = np.asarray(encoder.model(ids, mask))[0, :4]
+    for mode, expected in (("mean", hidden.mean(0)), ("max", hidden.max(0)), ("cls", hidden[0])):
+        got = np.asarray(bert._sentence_embeddings(graphdef, state, ids, mask, pooling=mode, normalize=False))[0]
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=mode)
+
+
+def test_pooling_config_errors(tmp_path):
+    (tmp_path / "modules.json").write_text(
+        '[{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]'
+    )
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": true}')
+    with pytest.raises(ValueError, match="1_Pooling/config.json: expected exactly one"):
+        bert.PoolingConfig.from_dir(str(tmp_path), 512)
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    (tmp_path / "sentence_bert_config.json").write_text('{"max_seq_length": 8192}')
+    assert bert.PoolingConfig.from_dir(str(tmp_path), 512) == bert.PoolingConfig("cls", False, 512)
+
+
+def test_missing_weights_and_bad_config(tmp_path):
+    with pytest.raises(ValueError, match="missing BERT keys"):
+        bert.BertConfig.from_hf({"model_type": "bert", "hidden_size": 8})
+    hf = _CONFIG.to_hf()
+    with pytest.raises(FileNotFoundError, match="model.safetensors: missing"):
+        bert.load_model(str(tmp_path), bert.BertConfig.from_hf(hf))
+
+
+def test_length_buckets():
+    assert [bert._bucket(n, 256, 16, half_steps=True) for n in (1, 17, 25, 33, 100, 200, 300)] == [
+        16, 24, 32, 48, 128, 256, 256]
+    batches = bert.length_bucketed_batches([[1] * n for n in (3, 30, 5, 20, 7)], batch_size=4, max_length=32)
+    assert [b.ids.shape for b in batches] == [(4, 32), (1, 16)]
+    assert list(batches[0].rows) == [1, 3, 4, 2]
+    assert batches[0].mask.sum() == 30 + 20 + 7 + 5
