@@ -33,7 +33,7 @@ def test_sharded_logits_equal_single_device(tiny_checkpoint, jax_model, two_imag
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-def test_export_then_transformers_reload_gives_identical_logits(jax_model, two_image_batch, tmp_path):
+def test_export_then_transformers_reload_gives_identical_logits(hf_model, jax_model, two_image_batch, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from tests.vl.conftest import hf_logits
@@ -42,6 +42,7 @@ def test_export_then_transformers_reload_gives_identical_logits(jax_model, two_i
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     ours = np.asarray(vl.logits_from_inputs(jax_model, two_image_batch.model_inputs))
     theirs = hf_logits(reloaded, two_image_batch)
+    np.testing.assert_array_equal(theirs, hf_logits(hf_model, two_image_batch))  # bit-exact weight round trip
     valid = two_image_batch.attention_mask.astype(bool)
     np.testing.assert_allclose(theirs[valid], ours[valid], atol=1e-4, rtol=0)
     again = from_pretrained(tmp_path)
