@@ -115,6 +115,13 @@ class Qwen2_5_VLProcessor:
         model = (config.vision.patch_size, config.vision.spatial_merge_size)
         if ours != model:
             raise ValueError(f"image processor (patch, merge) = {ours} does not match the model's {model}")
+        budget = config.buckets.max_image_patches * config.vision.patch_size**2
+        max_pixels = getattr(image_processor.size, "longest_edge", None)
+        if max_pixels is not None and max_pixels > budget:
+            raise ValueError(f"image processor max_pixels={max_pixels} is over the model's pixel budget {budget} "
+                             f"(VisionBuckets.max_image_patches={config.buckets.max_image_patches} patches of "
+                             f"{config.vision.patch_size}x{config.vision.patch_size}); lower max_pixels or raise "
+                             f"the budget")
         pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         if pad_id != config.image_token_id:
             raise ValueError(f"tokenizer maps {IMAGE_PAD} to {pad_id}, the model config expects image_token_id "
@@ -125,7 +132,9 @@ class Qwen2_5_VLProcessor:
                         ) -> Qwen2_5_VLProcessor:
         """Tokenizer, preprocessor_config.json and chat template of a local Qwen2.5-VL checkpoint directory.
 
-        image_kwargs (e.g. min_pixels, max_pixels) override preprocessor_config.json.
+        image_kwargs (e.g. min_pixels, max_pixels) override preprocessor_config.json. A max_pixels over the
+        model's pixel budget (`config.buckets.max_image_patches` patches) is lowered to it, so that the image
+        processor resizes every image to fit; an explicit max_pixels over the budget is an error.
         """
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -134,10 +143,16 @@ class Qwen2_5_VLProcessor:
             with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
                 config = Qwen2_5_VLConfig.from_hf(json.load(f), source=os.path.join(path, "config.json"))
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **image_kwargs)
-        else:
-            image_processor = Qwen2VLImageProcessorPil(**image_kwargs)
+
+        def image_processor_with(**kwargs: Any) -> Qwen2VLImageProcessorPil:
+            if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+                return Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs)
+            return Qwen2VLImageProcessorPil(**kwargs)
+
+        image_processor = image_processor_with(**image_kwargs)
+        budget = config.buckets.max_image_patches * config.vision.patch_size**2
+        if "max_pixels" not in image_kwargs and image_processor.size.longest_edge > budget:
+            image_processor = image_processor_with(**image_kwargs, max_pixels=budget)
         template = None
         template_path = os.path.join(path, "chat_template.json")
         if os.path.isfile(template_path):

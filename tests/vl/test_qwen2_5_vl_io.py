@@ -132,3 +132,17 @@ def test_no_torch_at_import_time():
             "m2io_jax.models.qwen2_5_vl_processor; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
 
+
+
+def test_processor_max_pixels_follows_the_model_pixel_budget(tiny_checkpoint, jax_model):
+    import dataclasses
+
+    from m2io_jax.models.qwen2_5_vl_processor import Qwen2_5_VLProcessor
+
+    config = dataclasses.replace(jax_model.config, buckets=vl.VisionBuckets(max_image_patches=256))
+    lowered = Qwen2_5_VLProcessor.from_pretrained(tiny_checkpoint, config=config)
+    assert lowered.image_processor.size.longest_edge == 256 * 14 * 14
+    batch = lowered([conversation(1)], images=[[random_image(600, 900, 0)]])
+    assert int(batch.image_grid_thw[0, 1] * batch.image_grid_thw[0, 2]) <= 256
+    with pytest.raises(ValueError, match=r"max_pixels=250000 is over the model's pixel budget 50176"):
+        Qwen2_5_VLProcessor.from_pretrained(tiny_checkpoint, config=config, max_pixels=250000)
