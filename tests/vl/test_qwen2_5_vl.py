@@ -9,18 +9,7 @@ import pytest
 import torch
 
 from m2io_jax.models import qwen2_5_vl as vl
-from tests.vl.conftest import IMAGE_TOKEN_ID, hf_logits, random_image
-
-SIZES = [(200, 300), (90, 150), (330, 250)]  # (height, width): non-square, grids that need window padding
-
-
-def conversation(num_images: int, question: str = "Where does the picture of the bridge go?"):
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
-    return [{"role": "user", "content": content}]
-
-
-def images_for(num_images: int, seed: int = 0):
-    return [random_image(h, w, seed + i) for i, (h, w) in enumerate(SIZES[:num_images])]
+from tests.vl.helpers import IMAGE_TOKEN_ID, conversation, hf_logits, images_for
 
 
 def test_vision_tower_matches_transformers(hf_model, jax_model):

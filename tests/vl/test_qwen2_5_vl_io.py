@@ -12,8 +12,7 @@ from flax import nnx
 from m2io_jax import sharding
 from m2io_jax.models import from_pretrained, qwen2_5_vl as vl, save_pretrained
 from m2io_jax.models.hf import parameter_count
-from tests.vl.conftest import random_image
-from tests.vl.test_qwen2_5_vl import conversation, images_for
+from tests.vl.helpers import conversation, hf_logits, images_for, random_image
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +34,6 @@ def test_sharded_logits_equal_single_device(tiny_checkpoint, jax_model, two_imag
 
 def test_export_then_transformers_reload_gives_identical_logits(hf_model, jax_model, two_image_batch, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from tests.vl.conftest import hf_logits
 
     save_pretrained(jax_model, tmp_path)
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
