@@ -1,0 +1,224 @@
+r"""Scores multimodal answers against MRAMG-format data and prints the MRAMG statistical-metric table.
+
+    python -m m2io_jax.evaluate --predictions answers.jsonl --data /path/to/MRAMG [--output scores.json]
+
+Predictions: one JSON object per line,
+    {"id": "<question id>", "dataset": "<name>", "final_output": "text with <img1> ... <imgN>",
+     "image_map": {"img1": "<image name>", ...}}
+The predicted images are every `<imgN>` of `final_output`, in order, mapped through `image_map`; an `imgN`
+missing from the map counts as a wrong image. Gold images and the reference answer are the question's
+`images_list` and `ground_truth` read with `m2io_jax.data.mramg.load_dataset`.
+
+Every question of each scored dataset counts: a question without a prediction scores 0 on every metric and is
+reported as missing. Columns: Prec., Rec., F1, Ord. (image metrics), R.L. (ROUGE-Lsum), B.S. (BERTScore F1), all
+x100; see `m2io_jax.eval.metrics` and `m2io_jax.eval.bertscore` for the definitions.
+
+Our choice (the official behaviour is not published): `<imgN>` markers are stripped from the answer, and the
+reference answer is taken without its image markers, before ROUGE-L and BERTScore (`--nostrip_image_markers`
+compares the raw strings, as the third-party reference code appears to).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+from m2io_jax.data import mramg
+from m2io_jax.eval import metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One answer: its question, the text with `<imgN>` markers and the marker -> image-name map."""
+
+    id: str
+    dataset: str
+    final_output: str
+    image_map: dict[str, str]
+
+    def images(self) -> list[str]:
+        """Predicted image names in order; an unmapped marker becomes a name no gold image has."""
+        return [self.image_map.get(m, f"<unmapped:{m}>") for m in metrics.image_markers(self.final_output)]
+
+
+def read_predictions(path: str) -> dict[tuple[str, str], Prediction]:
+    """Reads a predictions jsonl into {(dataset, id): Prediction}; any malformed line raises, naming file:line."""
+    out: dict[tuple[str, str], Prediction] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON: {e.msg}") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
+            missing = [k for k in ("id", "dataset", "final_output") if k not in record]
+            if missing:
+                raise ValueError(f"{where}: missing keys {missing}; expected id, dataset, final_output, image_map")
+            if not isinstance(record["final_output"], str):
+                raise ValueError(f"{where}: final_output must be a string, found {type(record['final_output']).__name__}")
+            image_map = record.get("image_map") or {}
+            if not isinstance(image_map, dict) or not all(isinstance(v, str) for v in image_map.values()):
+                raise ValueError(f"{where}: image_map must map marker ids ('img1') to image names (strings)")
+            prediction = Prediction(str(record["id"]), str(record["dataset"]), record["final_output"], image_map)
+            key = (prediction.dataset, prediction.id)
+            if key in out:
+                raise ValueError(f"{where}: duplicate prediction for dataset {key[0]!r} question {key[1]!r}")
+            out[key] = prediction
+    return out
+
+
+@dataclasses.dataclass
+class DatasetResult:
+    """Per-question scores of one dataset and what was missing or unexpected."""
+
+    name: str
+    scores: dict[str, metrics.QuestionScores]
+    missing: list[str]
+    unknown: list[str]
+
+
+def score_dataset(
+    questions: Sequence[mramg.Question],
+    predictions: dict[str, Prediction],
+    *,
+    name: str,
+    strip_markers: bool = True,
+    encoder: Any = None,
+    bertscore_layer: int | None = None,
+) -> DatasetResult:
+    """Scores the questions of one dataset; `predictions` maps question id -> Prediction.
+
+    `encoder`: a `SentenceEncoder` for BERTScore, or None to skip BERTScore (the B.S. column is then empty).
+    """
+    answered = [q for q in questions if q.id in predictions]
+    references, answers = [], []
+    for q in answered:
+        text = predictions[q.id].final_output
+        references.append(q.answer if strip_markers else q.ground_truth)
+        answers.append(metrics.strip_image_markers(text) if strip_markers else text)
+    bert_f1: Sequence[float | None] = [None] * len(answered)
+    if encoder is not None and answered:
+        from m2io_jax.eval import bertscore  # noqa: PLC0415  (BERTScore needs the encoder; only load it when asked)
+
+        bert_f1 = [float(x) for x in bertscore.bert_score(answers, references, encoder, layer=bertscore_layer)[2]]
+    scores = {
+        q.id: metrics.score_answer(q.images, predictions[q.id].images(), ref, ans, f1)
+        for q, ref, ans, f1 in zip(answered, references, answers, bert_f1)
+    }
+    missing = [q.id for q in questions if q.id not in predictions]
+    zero = metrics.ZERO_SCORES if encoder is not None else dataclasses.replace(metrics.ZERO_SCORES, bert_score=None)
+    scores.update({qid: zero for qid in missing})
+    scores = {q.id: scores[q.id] for q in questions}  # question order
+    known = {q.id for q in questions}
+    return DatasetResult(name, scores, missing, sorted(i for i in predictions if i not in known))
+
+
+def evaluate(
+    predictions_path: str,
+    data_root: str,
+    *,
+    datasets: Sequence[str] = (),
+    strip_markers: bool = True,
+    bertscore: bool = True,
+    encoder_path: str = "",
+    bertscore_layer: int | None = None,
+) -> tuple[dict[str, dict[str, float | None]], list[DatasetResult]]:
+    """Scores a predictions file; returns (table, per-dataset results). See the module docstring."""
+    predictions = read_predictions(predictions_path)
+    names = list(datasets) or sorted(
+        {d for d, _ in predictions}, key=lambda d: (mramg.DATASETS.index(d) if d in mramg.DATASETS else len(mramg.DATASETS), d)
+    )
+    if not names:
+        raise ValueError(f"{predictions_path}: no predictions and no --datasets given: nothing to score")
+    encoder = None
+    if bertscore:
+        from m2io_jax import models  # noqa: PLC0415  (loading the encoder costs seconds; skip it when not asked)
+        from m2io_jax.models import bert  # noqa: PLC0415
+
+        encoder = models.from_pretrained(encoder_path or bert.default_encoder_path())
+    results = []
+    for name in names:
+        dataset = mramg.load_dataset(data_root, name, strict=False, check_images=False)
+        by_id = {qid: p for (d, qid), p in predictions.items() if d == name}
+        results.append(
+            score_dataset(dataset.questions, by_id, name=name, strip_markers=strip_markers, encoder=encoder,
+                          bertscore_layer=bertscore_layer)
+        )
+    table = metrics.aggregate({r.name: list(r.scores.values()) for r in results})
+    return table, results
+
+
+def report(table: dict[str, dict[str, float | None]], results: Sequence[DatasetResult]) -> str:
+    """The metric table followed by one line per dataset with question / missing / unknown counts."""
+    lines = [metrics.format_table(table), ""]
+    for r in results:
+        lines.append(
+            f"{r.name}: {len(r.scores)} questions, {len(r.scores) - len(r.missing)} answered, "
+            f"{len(r.missing)} missing (scored 0), {len(r.unknown)} predictions for unknown question ids"
+            + (f" (e.g. {r.unknown[:3]})" if r.unknown else "")
+        )
+    return "\n".join(lines)
+
+
+def to_json(table: dict[str, dict[str, float | None]], results: Sequence[DatasetResult], settings: dict[str, Any]) -> dict:
+    """The JSON written by `--output`: table, counts, settings and per-question scores (in [0, 1])."""
+    return {
+        "table": table,
+        "columns": list(metrics.COLUMNS),
+        "settings": settings,
+        "datasets": {
+            r.name: {
+                "questions": len(r.scores),
+                "missing": r.missing,
+                "unknown_predictions": r.unknown,
+                "scores": {qid: dataclasses.asdict(s) for qid, s in r.scores.items()},
+            }
+            for r in results
+        },
+    }
+
+
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "predictions jsonl (one answer per line; see module doc)")
+_DATA = flags.DEFINE_string("data", None, "MRAMG-format data directory (doc_*.jsonl, *_mqa.jsonl, images_info/)")
+_DATASETS = flags.DEFINE_list("datasets", [], "datasets to score (default: every dataset named in the predictions)")
+_OUTPUT = flags.DEFINE_string("output", "", "write the table, counts and per-question scores to this JSON file")
+_STRIP = flags.DEFINE_bool("strip_image_markers", True, "remove <imgN> markers before ROUGE-L and BERTScore")
+_BERTSCORE = flags.DEFINE_bool("bertscore", True, "compute BERTScore F1 with the Flax encoder")
+_ENCODER = flags.DEFINE_string("encoder", "", "BERTScore encoder checkpoint directory (default: packaged MiniLM)")
+_LAYER = flags.DEFINE_integer("bertscore_layer", None, "encoder layer for BERTScore (default: the last)")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    settings = {
+        "predictions": os.path.abspath(_PREDICTIONS.value),
+        "data": os.path.abspath(_DATA.value),
+        "strip_image_markers": _STRIP.value,
+        "bertscore": _BERTSCORE.value,
+        "encoder": _ENCODER.value or ("default MiniLM" if _BERTSCORE.value else ""),
+        "bertscore_layer": _LAYER.value,
+    }
+    table, results = evaluate(
+        _PREDICTIONS.value, _DATA.value, datasets=_DATASETS.value, strip_markers=_STRIP.value,
+        bertscore=_BERTSCORE.value, encoder_path=_ENCODER.value, bertscore_layer=_LAYER.value,
+    )
+    print(report(table, results))
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+            json.dump(to_json(table, results, settings), f, indent=2)
+        print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["predictions", "data"])
+    app.run(main)
