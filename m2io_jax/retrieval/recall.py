@@ -52,7 +52,7 @@ def evaluate_recall(
 
 
 def run(data: str, dataset: str, *, k: int, split: str = "", encoder_path: str = "", max_tokens: int = 256,
-        batch_size: int = 64, split_fractions: splits_lib.SplitFractions = splits_lib.SplitFractions(),
+        batch_size: int = 64, index_overrides: dict | None = None, split_fractions: splits_lib.SplitFractions = splits_lib.SplitFractions(),
         salt: str = "m2io") -> dict:
     """Loads `dataset`, builds the retriever over its whole corpus and measures recall on its questions."""
     start = time.perf_counter()
@@ -62,7 +62,8 @@ def run(data: str, dataset: str, *, k: int, split: str = "", encoder_path: str =
         q_split, _ = splits_lib.assign_splits(dataset, [(q.id, q.provenance) for q in questions], split_fractions, salt)
         questions = [q for q in questions if q_split[q.id] == split]
     encoder = retriever_lib.load_encoder(encoder_path)
-    retriever = retriever_lib.Retriever.build(ds.documents, encoder, max_tokens=max_tokens, batch_size=batch_size)
+    retriever = retriever_lib.Retriever.build(
+        ds.documents, encoder, max_tokens=max_tokens, batch_size=batch_size, index_overrides=index_overrides)
     result = {"dataset": dataset, "split": split or "all", "chunks": len(retriever.chunks),
               "documents": len(ds.documents), "problems": len(ds.report.problems)}
     result.update(evaluate_recall(questions, retriever, k))
@@ -83,7 +84,7 @@ def main(argv: Sequence[str]) -> None:
     result = run(
         data, f.dataset, k=f.k or cfg.retrieval.top_k, split=f.split,
         encoder_path=f.encoder or cfg.retrieval.encoder_path, max_tokens=cfg.chunk.max_tokens,
-        batch_size=cfg.retrieval.batch_size,
+        batch_size=cfg.retrieval.batch_size, index_overrides=cfg.retrieval.index.to_dict(),
         split_fractions=splits_lib.SplitFractions(cfg.split.validation, cfg.split.test), salt=cfg.split.salt,
     )
     k = result["k"]

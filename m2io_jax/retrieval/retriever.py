@@ -69,10 +69,14 @@ class Retriever:
         max_tokens: int = 256,
         length_fn: chunking.LengthFn | None = None,
         batch_size: int = 64,
-        index_config: Any = None,
+        index_overrides: Mapping[str, Any] | None = None,
         index_cls: Any = None,
     ) -> "Retriever":
-        """Chunks `documents` (with the encoder's tokenizer unless `length_fn` is given), embeds and indexes them."""
+        """Chunks `documents` (with the encoder's tokenizer unless `length_fn` is given), embeds and indexes them.
+
+        `index_overrides` replace fields of `m2io_jax.retrieval.index.index_config()` (e.g. `{"reorder": 200}`);
+        `index_cls` swaps the index for another class with the same `build`/`search` interface.
+        """
         if isinstance(documents, Mapping):
             documents = documents.values()
         chunks = chunking.chunk_documents(documents, max_tokens=max_tokens, length_fn=length_fn or token_length_fn(encoder))
@@ -81,11 +85,16 @@ class Retriever:
         embeddings = np.asarray(encoder.encode([c.plain_text for c in chunks], batch_size=batch_size), np.float32)  # [C, D]
         if embeddings.shape[0] != len(chunks):
             raise ValueError(f"encoder returned {embeddings.shape[0]} embeddings for {len(chunks)} chunks")
+        config = None
         if index_cls is None:
-            from m2io_jax.retrieval.index import ScannIndex  # pylint: disable=g-import-not-at-top
+            from m2io_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
 
-            index_cls = ScannIndex
-        return cls(chunks, index_cls.build(embeddings, index_config), encoder, batch_size=batch_size)
+            index_cls = index_lib.ScannIndex
+            config = index_lib.index_config()
+            config.update(dict(index_overrides or {}))
+        elif index_overrides:
+            raise ValueError(f"index_overrides {dict(index_overrides)} apply to the default ScannIndex only")
+        return cls(chunks, index_cls.build(embeddings, config), encoder, batch_size=batch_size)
 
     def chunks_of(self, doc_id: str) -> list[chunking.Chunk]:
         """All chunks of one document, in document order."""
