@@ -408,6 +408,10 @@ def _with_anchors(q: Question, path: str, lineno: int, problems: _Problems) -> Q
             index = max((i for i, s in enumerate(spans) if s.start <= m.start()), default=-1)
             anchors.append(GoldAnchor(image, index, spans[index].text if index >= 0 else ""))
         return dataclasses.replace(q, marker_form=form, answer=q.ground_truth, anchors=tuple(anchors))
+    if form == FORM_NO_IMAGES:  # stray markers without gold images: the answer text drops them
+        for marker_re in (sentences_lib.PIC_RE, sentences_lib.IMG_RE):
+            if marker_re.search(q.ground_truth):
+                return dataclasses.replace(q, marker_form=form, answer=sentences_lib.locate_markers(q.ground_truth, marker_re).text)
     return dataclasses.replace(q, marker_form=form, answer=q.ground_truth)
 
 

@@ -42,16 +42,18 @@ def test_marker_form_and_anchors(mramg_root):
         ("Mid <PIC>sentence. Next.", mramg.FORM_PIC, [("a", 0)]),
         ("Intro. See photo_a.jpg here. Then more.", mramg.FORM_NAME, [("photo_a", 1)]),
         ("No markers at all.", mramg.FORM_NONE, []),
+        ("Stray marker.<PIC> Text.", mramg.FORM_NO_IMAGES, []),
         ("<PIC> Leading image. Then text.<PIC>", mramg.FORM_PIC, [("a", -1), ("b", 1)]),
     ],
 )
 def test_detects_each_marker_form(ground_truth, form, anchors):
-    images = ("photo_a", "photo_b") if form == mramg.FORM_NAME else ("a", "b")
+    images = {mramg.FORM_NAME: ("photo_a", "photo_b"), mramg.FORM_NO_IMAGES: ()}.get(form, ("a", "b"))
     q = mramg._with_anchors(  # pylint: disable=protected-access
         mramg.Question("q", "?", ("1",), ground_truth, images, "x"), "f", 1,
         mramg._Problems(mramg.LoadReport("x"), strict=False))  # pylint: disable=protected-access
     assert q.marker_form == form
     assert [(a.image, a.sentence_index) for a in q.anchors] == anchors
+    assert "<PIC>" not in q.answer and "<img" not in q.answer
 
 
 def test_malformed_line_skipped_and_reported(tmp_path, make_mramg):
