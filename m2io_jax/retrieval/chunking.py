@@ -1,9 +1,9 @@
 """Sentence-aware chunking of MRAMG documents that keeps track of the images in each chunk.
 
 A document's text is split into sentences (`m2io_jax.data.sentences`); each `<PIC>` stays attached to the
-sentence it follows. Sentences are packed greedily into chunks of at most `max_tokens` tokens, a chunk's length being the sum
-of its sentences' `length_fn` (the retrieval encoder's tokenizer in practice); a single sentence longer than that is cut on
-word boundaries. Each chunk keeps its `<PIC>` markers and the image names they stand for, in order, so the
+sentence it follows. Sentences are packed greedily into chunks of at most `max_tokens` tokens, a chunk's
+length being the sum of its sentences' `length_fn` (the retrieval encoder's tokenizer in practice); a single
+sentence longer than that is cut on word boundaries. Each chunk keeps its `<PIC>` markers and the image names they stand for, in order, so the
 k-th `<PIC>` in `Chunk.text` is `Chunk.images[k]`. Markers beyond a document's `images_list` (a mismatch the
 reader reports) are dropped from the chunk text.
 """
