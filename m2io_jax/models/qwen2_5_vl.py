@@ -413,12 +413,11 @@ class VisionBlock(nnx.Module):
         """x `[W, L, D]` in the window layout; cos, sin `[W, L, head_dim]`."""
         cfg, dt = self.config, self.config.dtype
         h = _rms_norm(x, self.norm1[...].astype(dt), cfg.rms_norm_eps)
-        qkv = jnp.einsum("wld,dshe->swlhe", h, self.qkv[...].astype(dt))
-        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+        qkv = jnp.einsum("wld,dshe->wlshe", h, self.qkv[...].astype(dt)) + self.qkv_bias[...].astype(dt)
         c, s = cos[:, :, None, :], sin[:, :, None, :]
-        q = (qkv[0].astype(jnp.float32) * c + _rotate_half(qkv[0].astype(jnp.float32)) * s).astype(dt)
-        k = (qkv[1].astype(jnp.float32) * c + _rotate_half(qkv[1].astype(jnp.float32)) * s).astype(dt)
-        v = qkv[2]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [W, L, H, hd]
+        q = (q.astype(jnp.float32) * c + _rotate_half(q.astype(jnp.float32)) * s).astype(dt)
+        k = (k.astype(jnp.float32) * c + _rotate_half(k.astype(jnp.float32)) * s).astype(dt)
         if self.full_attention:  # window layout -> one row per image -> attention -> back
             q, k, v = (a.reshape(-1, *a.shape[2:])[inputs.image_gather] for a in (q, k, v))  # [I, S, H, hd]
             out = _attention(q, k, v, inputs.image_valid)
