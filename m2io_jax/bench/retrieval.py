@@ -1,0 +1,181 @@
+"""Retrieval index benchmark: ScaNN (our `ScannIndex`) against exact numpy and faiss `IndexFlatIP`.
+
+    python -m m2io_jax.bench.retrieval [--num_vectors 100000] [--num_queries 2000] [--threads 2]
+
+Data: `num_vectors` x 384 vectors shaped like sentence embeddings (a shared mean direction, a mixture of
+Gaussian clusters of varied spread, unit-normalised) and `num_queries` fresh queries from the same mixture;
+then, if the demo corpus is present, the real MiniLM embeddings of its chunks and questions.
+Measured: recall@10 against exact float32 search, and queries/s of batched search over all queries (best of
+`--repeats`), with every library limited to `--threads` threads. The curve sweeps ScaNN's search-time
+parameters (leaves_to_search, reorder) on the same index. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+_THREADS_DEFAULT = 2
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy loads its BLAS
+    os.environ.setdefault(_var, str(_THREADS_DEFAULT))
+
+import json  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from m2io_jax.retrieval import index as index_lib  # noqa: E402
+
+K = 10
+
+
+def sentence_like_vectors(n: int, dim: int, *, clusters: int, seed: int) -> np.ndarray:
+    """Unit vectors [n, dim]: a shared mean direction + cluster centre + per-cluster-scaled noise."""
+    rng = np.random.default_rng(0)  # the mixture itself is fixed; `seed` only picks the samples
+    mean = rng.normal(size=dim)
+    mean /= np.linalg.norm(mean)
+    centers = rng.normal(size=(clusters, dim)) / np.sqrt(dim)
+    spread = rng.uniform(0.5, 1.0, size=clusters)
+    sample = np.random.default_rng(seed)
+    which = sample.integers(clusters, size=n)
+    x = 0.5 * mean + centers[which] + spread[which, None] * sample.normal(size=(n, dim)) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_search(db: np.ndarray, queries: np.ndarray, k: int, batch: int = 256) -> np.ndarray:
+    """Exact top-k ids [Q, k] by float32 inner product: matmul + argpartition + sort of the k."""
+    out = np.empty((len(queries), k), np.int64)
+    for start in range(0, len(queries), batch):
+        scores = queries[start : start + batch] @ db.T  # [b, N]
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
+        out[start : start + batch] = np.take_along_axis(top, order, 1)
+    return out
+
+
+def recall_at_k(ids: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / exact.shape[1] for a, b in zip(ids, exact)]))
+
+
+def queries_per_second(fn: Callable[[], object], num_queries: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return num_queries / best
+
+
+def faiss_flat_ip(db: np.ndarray, threads: int):
+    import faiss  # noqa: PLC0415  (benchmark-only dependency)
+
+    faiss.omp_set_num_threads(threads)
+    flat = faiss.IndexFlatIP(db.shape[1])
+    flat.add(db)
+    return flat
+
+
+def bench_set(name: str, db: np.ndarray, queries: np.ndarray, *, threads: int, repeats: int, curve: bool) -> dict:
+    """All measurements on one (database, queries) pair; prints a table and returns the figures."""
+    n, q = len(db), len(queries)
+    exact = exact_search(db, queries, K)
+    numpy_qps = queries_per_second(lambda: exact_search(db, queries, K), q, repeats)
+    flat = faiss_flat_ip(db, threads)
+    faiss_ids = flat.search(queries, K)[1]
+    faiss_qps = queries_per_second(lambda: flat.search(queries, K), q, repeats)
+    start = time.perf_counter()
+    index = index_lib.ScannIndex.build(db)
+    build_s = time.perf_counter() - start
+    scann_ids = index.search(queries, K)[0]
+    scann_qps = queries_per_second(lambda: index.search(queries, K), q, repeats)
+    result = {
+        "set": name, "num_vectors": n, "dim": db.shape[1], "num_queries": q, "index": index.kind,
+        "num_leaves": index.num_leaves, "leaves_to_search": index.leaves_to_search, "reorder": index.config.reorder,
+        "build_s": round(build_s, 2),
+        "scann_recall": round(recall_at_k(scann_ids, exact), 4), "scann_qps": round(scann_qps),
+        "numpy_qps": round(numpy_qps), "faiss_flat_qps": round(faiss_qps),
+        "faiss_flat_recall": round(recall_at_k(faiss_ids, exact), 4),
+    }
+    result["scann_over_numpy"] = round(scann_qps / numpy_qps, 2)
+    result["scann_over_faiss_flat"] = round(scann_qps / faiss_qps, 2)
+    print(f"\n== {name}: {n} x {db.shape[1]}, {q} queries, k={K}, {threads} threads ==")
+    print(f"{'method':<44} {'recall@10':>9} {'queries/s':>10} {'vs numpy':>9}")
+    print(f"{'exact numpy (matmul + argpartition)':<44} {1.0:>9.4f} {numpy_qps:>10.0f} {1.0:>9.2f}")
+    print(f"{'faiss IndexFlatIP (exact)':<44} {result['faiss_flat_recall']:>9.4f} {faiss_qps:>10.0f} "
+          f"{faiss_qps / numpy_qps:>9.2f}")
+    label = f"ScaNN {index.kind} (defaults), build {build_s:.1f} s"
+    print(f"{label:<44} {result['scann_recall']:>9.4f} {scann_qps:>10.0f} {result['scann_over_numpy']:>9.2f}")
+    if curve and index.kind == index_lib.TREE_AH:
+        points = []
+        print(f"\nScaNN recall / speed curve ({index.num_leaves} leaves):")
+        print(f"{'leaves_to_search':>16} {'reorder':>8} {'recall@10':>9} {'queries/s':>10} {'vs numpy':>9} {'vs faiss':>9}")
+        for leaves in (4, 8, 16, 32, 64, 128):
+            for reorder in (50, 100, 200):
+                ids = index.search(queries, K, leaves_to_search=leaves, reorder=reorder)[0]
+                qps = queries_per_second(lambda: index.search(queries, K, leaves_to_search=leaves, reorder=reorder),
+                                         q, repeats)
+                rec = recall_at_k(ids, exact)
+                points.append({"leaves_to_search": leaves, "reorder": reorder, "recall": round(rec, 4), "qps": round(qps)})
+                print(f"{leaves:>16} {reorder:>8} {rec:>9.4f} {qps:>10.0f} {qps / numpy_qps:>9.2f} {qps / faiss_qps:>9.2f}")
+        result["curve"] = points
+    return result
+
+
+def demo_embeddings() -> tuple[np.ndarray, np.ndarray] | None:
+    """MiniLM embeddings of the demo corpus's chunks and questions, or None (with a message) if absent."""
+    try:
+        from m2io_jax.data import demo, mramg  # noqa: PLC0415
+        from m2io_jax.models import bert, from_pretrained  # noqa: PLC0415
+        from m2io_jax.retrieval import chunking, retriever  # noqa: PLC0415
+    except ImportError as e:
+        print(f"\n(demo corpus skipped: {e})")
+        return None
+    if not os.path.isdir(demo.CORPUS_DIR):
+        print(f"\n(demo corpus skipped: {demo.CORPUS_DIR} does not exist)")
+        return None
+    encoder = from_pretrained(bert.default_encoder_path())
+    chunks, questions = [], []
+    for name in demo.DEMO_DATASETS:
+        dataset = mramg.load_dataset(demo.demo_root(), name, check_images=False)
+        chunks += chunking.chunk_documents(dataset.documents.values(), max_tokens=256,
+                                           length_fn=retriever.token_length_fn(encoder))
+        questions += [q.question for q in dataset.questions]
+    return encoder.encode([c.plain_text for c in chunks]), encoder.encode(questions)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_vectors", type=int, default=100_000)
+    parser.add_argument("--num_queries", type=int, default=2_000)
+    parser.add_argument("--clusters", type=int, default=1_000)
+    parser.add_argument("--threads", type=int, default=_THREADS_DEFAULT,
+                        help="threads for numpy/faiss (BLAS env vars are read at import: set OMP_NUM_THREADS too)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no_curve", action="store_true")
+    parser.add_argument("--no_demo", action="store_true")
+    args = parser.parse_args()
+    db = sentence_like_vectors(args.num_vectors, 384, clusters=args.clusters, seed=1)
+    queries = sentence_like_vectors(args.num_queries, 384, clusters=args.clusters, seed=2)
+    results = [bench_set("synthetic", db, queries, threads=args.threads, repeats=args.repeats, curve=not args.no_curve)]
+    demo = None if args.no_demo else demo_embeddings()
+    if demo is not None:
+        results.append(bench_set("demo corpus (MiniLM)", *demo, threads=args.threads, repeats=args.repeats, curve=False))
+    main_result = results[0]
+    summary = {
+        "benchmark": "retrieval",
+        "threads": args.threads,
+        "scann_recall_at_10": main_result["scann_recall"],
+        "scann_qps": main_result["scann_qps"],
+        "numpy_qps": main_result["numpy_qps"],
+        "faiss_flat_qps": main_result["faiss_flat_qps"],
+        "scann_over_numpy": main_result["scann_over_numpy"],
+        "scann_over_faiss_flat": main_result["scann_over_faiss_flat"],
+        "acceptance_met": main_result["scann_recall"] >= 0.95 and main_result["scann_over_numpy"] >= 10,
+        "sets": results,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
