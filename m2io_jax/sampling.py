@@ -502,8 +502,12 @@ def sampling_params(model: nnx.Module) -> tuple[Any, nnx.State, jax.sharding.Mes
 
 def _sample(model: nnx.Module, prompts: list[list[int]], images: list[Any] | None, prompt_index: np.ndarray,
             sample_index: np.ndarray, *, max_new_tokens: int, temperature: float, top_k: int | None,
-            top_p: float | None, stop_tokens: Sequence[int], seed: int, buckets: Buckets) -> SampleOutput:
-    """Prefills rows `prompts` once each and decodes sample_index.shape[1] samples per row."""
+            top_p: float | None, stop_tokens: Sequence[int], seed: int, buckets: Buckets,
+            compile_only: bool = False) -> SampleOutput | None:
+    """Prefills rows `prompts` once each and decodes sample_index.shape[1] samples per row.
+
+    With compile_only, compiles the prefill and decode programs of this request's buckets and runs nothing.
+    """
     rows, g = sample_index.shape
     p = bucket_size(max(len(x) for x in prompts), buckets.prompt_lengths, buckets.min_prompt_length, "prompt length")
     n = bucket_size(max_new_tokens, buckets.new_token_lengths, buckets.min_new_tokens, "max_new_tokens")
@@ -522,7 +526,8 @@ def _sample(model: nnx.Module, prompts: list[list[int]], images: list[Any] | Non
     p_index[:rows] = prompt_index
     s_index = np.zeros((r, g), np.int32)
     s_index[:rows] = sample_index
-    stops = np.asarray(list(stop_tokens) or [-1], np.int32)
+    stops = np.full((bucket_size(len(stop_tokens), None, 8, "stop tokens"),), -1, np.int32)
+    stops[:len(stop_tokens)] = list(stop_tokens)
 
     program = _Program(graphdef=graphdef, num_samples=g, num_new=n, temperature=float(temperature),
                        top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p))
@@ -531,6 +536,11 @@ def _sample(model: nnx.Module, prompts: list[list[int]], images: list[Any] | Non
         rows_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
         per_row = tuple(jax.device_put(a, rows_sharding) for a in per_row)
     with _maybe_mesh(mesh), shd.use_rules(sampling_rules()):
+        if compile_only:
+            prefill = _prefill_jit.lower(program, params, batch, *per_row, stops, np.uint32(seed)).compile()
+            prefix, state = prefill.out_info
+            _decode_jit.lower(program, params, prefix, stops, state).compile()
+            return None
         prefix, state = _prefill_jit(program, params, batch, *per_row, stops, np.uint32(seed))
         state = _decode_jit(program, params, prefix, stops, state)
     tokens, logprobs, lengths = jax.device_get((state.tokens, state.logprobs, state.lengths))
@@ -580,6 +590,26 @@ def generate(
     return _sample(model, clean, images, prompt_index, sample_index, max_new_tokens=max_new_tokens,
                    temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
                    buckets=DEFAULT_BUCKETS)
+
+
+def precompile(
+    model: nnx.Module, *, batch_size: int, prompt_length: int, max_new_tokens: int, num_samples: int = 1,
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, num_stop_tokens: int = 0,
+    repeated: bool = False,
+) -> None:
+    """Compiles (ahead of time, running nothing) the programs `generate` will use for requests of these sizes.
+
+    Any later `generate` call whose prompt count, longest prompt, `max_new_tokens` and number of stop tokens fall
+    in the same buckets, with the same sampling settings, compiles nothing. `repeated` compiles for
+    `generate_repeated` instead. Text models only.
+    """
+    prompts = [[1] * prompt_length] * batch_size
+    stops = [0] * num_stop_tokens
+    clean = _validate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stops)
+    b, g = (batch_size * num_samples, 1) if repeated else (batch_size, num_samples)
+    _sample(model, [clean[0]] * b, None, np.zeros((b,), np.int32), np.zeros((b, g), np.int32),
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops,
+            seed=0, buckets=DEFAULT_BUCKETS, compile_only=True)
 
 
 def generate_repeated(

@@ -142,6 +142,18 @@ def test_same_buckets_compile_nothing_new(tiny_qwen2):
     assert [len(t) for t in out.tokens] == [16] * 8
 
 
+def test_precompile_then_generate_compiles_nothing(tiny_qwen2):
+    path, _ = tiny_qwen2["untied_mha"]
+    model = models.from_pretrained(path)
+    kwargs = dict(num_samples=3, temperature=0.9, top_k=7)
+    sampling.precompile(model, batch_size=2, prompt_length=20, max_new_tokens=12, num_stop_tokens=1, **kwargs)
+    before = sampling.compile_counts()
+    prompts = random_prompts(TINY_QWEN2["untied_mha"]["vocab_size"], (17, 30), seed=12)
+    out = sampling.generate(model, prompts, max_new_tokens=9, stop_tokens=(5,), **kwargs)
+    assert sampling.compile_counts() == before
+    assert len(out.tokens) == 6
+
+
 @pytest.mark.parametrize("prompts, kwargs, message", [
     ([], {}, "non-empty list"),
     ([[1, 2], []], {}, r"prompts\[1\] is empty"),
