@@ -1,6 +1,6 @@
 """Text-encoder throughput: our Flax BERT against sentence-transformers (torch) on the same MiniLM weights.
 
-    python -m m2io_jax.bench.embed [--threads 2] [--num_short 2000] [--num_chunks 256] [--repeats 3]
+    python -m m2io_jax.bench.embed [--threads 2] [--num_short 2000] [--num_chunks 64] [--repeats 2]
 
 Two workloads, each encoded whole by both encoders (sorting by length and batching are each encoder's own):
 short sentences of about 15 tokens (batch 128) and 256-token passages, i.e. retrieval chunks at MiniLM's
@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--encoder", default="", help="checkpoint directory (default: packaged MiniLM)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num_short", type=int, default=2000)
-    parser.add_argument("--num_chunks", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num_chunks", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
     import torch  # noqa: PLC0415  (benchmark-only peer)

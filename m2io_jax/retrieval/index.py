@@ -35,8 +35,8 @@ def index_config() -> ml_collections.ConfigDict:
     """Index parameters and their defaults (tuned with `python -m m2io_jax.bench.retrieval`).
 
     brute_force_below: exact search when the corpus has fewer vectors than this.
-    num_leaves: k-means partitions; 0 picks round(sqrt(N)).
-    leaves_to_search: partitions probed per query; 0 picks ceil(num_leaves / 10).
+    num_leaves: k-means partitions; 0 picks round(2 * sqrt(N)).
+    leaves_to_search: partitions probed per query; 0 picks ceil(num_leaves / 20).
     training_sample_size: vectors used to train the tree and the quantiser (capped at N).
     dims_per_block: AH sub-space width (2 is ScaNN's recommendation for inner product).
     anisotropic_quantization_threshold: AH loss threshold for normalised vectors (ScaNN: 0.2).
@@ -94,9 +94,9 @@ class ScannIndex:
         if n < config.brute_force_below:
             searcher = scann.scann_ops_pybind.builder(db, default_k, "dot_product").score_brute_force().build()
             return cls(searcher, num_vectors=n, dim=dim, kind=BRUTE_FORCE, config=config)
-        num_leaves = config.num_leaves or max(2, round(math.sqrt(n)))
+        num_leaves = config.num_leaves or max(2, round(2 * math.sqrt(n)))
         num_leaves = min(num_leaves, n)
-        leaves_to_search = min(num_leaves, config.leaves_to_search or math.ceil(num_leaves / 10))
+        leaves_to_search = min(num_leaves, config.leaves_to_search or math.ceil(num_leaves / 20))
         searcher = (
             scann.scann_ops_pybind.builder(db, default_k, "dot_product")
             .tree(num_leaves=num_leaves, num_leaves_to_search=leaves_to_search,

@@ -121,9 +121,10 @@ def test_missing_weights_and_bad_config(tmp_path):
 
 
 def test_length_buckets():
-    assert [bert._bucket(n, 256, 16, half_steps=True) for n in (1, 17, 25, 33, 100, 200, 300)] == [
-        16, 24, 32, 48, 128, 256, 256]
-    batches = bert.length_bucketed_batches([[1] * n for n in (3, 30, 5, 20, 7)], batch_size=4, max_length=32)
-    assert [b.ids.shape for b in batches] == [(4, 32), (1, 16)]
+    assert [bert.length_bucket(n, 256) for n in (1, 9, 17, 63, 65, 97, 100, 200, 300)] == [
+        8, 16, 24, 64, 96, 128, 128, 256, 256]
+    assert bert.length_bucket(300, 512) == 384
+    batches = bert.length_bucketed_batches([[1] * n for n in (3, 30, 5, 20, 7)], batch_size=4, max_length=64)
+    assert [b.ids.shape for b in batches] == [(4, 32), (1, 8)]
     assert list(batches[0].rows) == [1, 3, 4, 2]
     assert batches[0].mask.sum() == 30 + 20 + 7 + 5

@@ -36,7 +36,7 @@ def test_tree_ah_recall_and_overrides():
     config.brute_force_below = 1000
     db, q = _clustered(4000), _clustered(300, seed=1)
     index = index_lib.ScannIndex.build(db, config)
-    assert index.kind == index_lib.TREE_AH and index.num_leaves == round(np.sqrt(4000))
+    assert index.kind == index_lib.TREE_AH and index.num_leaves == round(2 * np.sqrt(4000))
     exact = _exact(db, q, 10)
     recall = lambda ids: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])  # noqa: E731
     assert recall(index.search(q, 10)[0]) >= 0.8  # hard 32-d data; the 100k benchmark reaches 0.99
