@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, apply_rope, rms_norm
 from m2io_jax.sharding import constrain
 
 
@@ -358,17 +358,6 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
     return nnx.Param(value, logical_axes=axes)
 
 
-def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (scale * xf.astype(x.dtype)).astype(x.dtype)
-
-
-def _rotate_half(x: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
-
-
 def vision_rotary(patch_hw: jax.Array, head_dim: int, theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
     """cos, sin `[..., head_dim]` of the 2-D rotary: half the frequencies on the row, half on the column."""
     quarter = head_dim // 4
@@ -412,12 +401,11 @@ class VisionBlock(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, inputs: VisionInputs) -> jax.Array:
         """x `[W, L, D]` in the window layout; cos, sin `[W, L, head_dim]`."""
         cfg, dt = self.config, self.config.dtype
-        h = _rms_norm(x, self.norm1[...].astype(dt), cfg.rms_norm_eps)
+        h = rms_norm(x, self.norm1[...].astype(dt), cfg.rms_norm_eps)
         qkv = jnp.einsum("wld,dshe->wlshe", h, self.qkv[...].astype(dt)) + self.qkv_bias[...].astype(dt)
-        c, s = cos[:, :, None, :], sin[:, :, None, :]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [W, L, H, hd]
-        q = (q.astype(jnp.float32) * c + _rotate_half(q.astype(jnp.float32)) * s).astype(dt)
-        k = (k.astype(jnp.float32) * c + _rotate_half(k.astype(jnp.float32)) * s).astype(dt)
+        q = apply_rope(q.astype(jnp.float32), cos, sin).astype(dt)  # rotary in float32, as transformers does
+        k = apply_rope(k.astype(jnp.float32), cos, sin).astype(dt)
         if self.full_attention:  # window layout -> one row per image -> attention -> back
             q, k, v = (a.reshape(-1, *a.shape[2:])[inputs.image_gather] for a in (q, k, v))  # [I, S, H, hd]
             out = _attention(q, k, v, inputs.image_valid)
@@ -426,7 +414,7 @@ class VisionBlock(nnx.Module):
         else:
             out = _attention(q, k, v, inputs.window_valid)
         x = x + jnp.einsum("wlhe,hed->wld", out, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
-        h = _rms_norm(x, self.norm2[...].astype(dt), cfg.rms_norm_eps)
+        h = rms_norm(x, self.norm2[...].astype(dt), cfg.rms_norm_eps)
         gate = h @ self.gate[...].astype(dt) + self.gate_bias[...].astype(dt)
         up = h @ self.up[...].astype(dt) + self.up_bias[...].astype(dt)
         return x + (jax.nn.silu(gate) * up) @ self.down[...].astype(dt) + self.down_bias[...].astype(dt)
@@ -448,7 +436,7 @@ class PatchMerger(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x `[W, L, D]` -> `[W * L / merge_unit, out_hidden_size]`."""
         cfg, dt = self.config, self.config.dtype
-        x = _rms_norm(x, self.ln_q[...].astype(dt), cfg.rms_norm_eps)
+        x = rms_norm(x, self.ln_q[...].astype(dt), cfg.rms_norm_eps)
         x = x.reshape(-1, cfg.hidden_size * cfg.merge_unit)
         x = jax.nn.gelu(x @ self.fc1[...].astype(dt) + self.fc1_bias[...].astype(dt), approximate=False)
         return x @ self.fc2[...].astype(dt) + self.fc2_bias[...].astype(dt)
