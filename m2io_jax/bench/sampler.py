@@ -15,7 +15,7 @@ N new tokens (no stop token), counted as 8 * G * N tokens:
 Compilation is excluded (one warm-up call of the same shapes for the JAX engines). Beside each ratio the FLOP
 ceiling of prefill sharing: analytic FLOPs of sampling with G prefills per prompt over FLOPs with one (matmul
 and attention FLOPs, an LM head on generated tokens only), i.e. the speed-up sharing gives an engine whose time
-is proportional to FLOPs. `--scaling` prints m2io_jax tokens/s for G in 1, 4, 8, 16 and P from 128 to 2048.
+is proportional to FLOPs. `--scaling` prints m2io_jax tokens/s for G in 1, 4, 8, 16 and P from 128 to 2048 (32 new tokens).
 The last line is one JSON object (the main workload: the first of `--workloads`).
 """
 
@@ -217,7 +217,7 @@ def run_scaling(args, shape, model) -> list[dict]:
     print(f"\nm2io_jax scaling ({args.size}, {NUM_PROMPTS} prompts, {new} new tokens): tokens/s "
           f"(FLOP ceiling of prefill sharing)")
     print("  prompt " + "".join(f"{'G=' + str(g):>18s}" for g in (1, 4, 8, 16)))
-    for p in (128, 512, 1024, 2048):
+    for p in map(int, args.scaling_prompts.split(",")):
         cells = []
         for g in (1, 4, 8, 16):
             w = Workload(p, new, g)
@@ -235,7 +235,8 @@ def main() -> None:
     parser.add_argument("--workloads", default="1024x128,128x128", help="PROMPTxNEW,... (the first is the main one)")
     parser.add_argument("--samples", type=int, default=8, help="G, samples per prompt")
     parser.add_argument("--scaling", action="store_true", help="only the m2io_jax scaling table")
-    parser.add_argument("--scaling-new", type=int, default=64, help="new tokens in the scaling table")
+    parser.add_argument("--scaling-new", type=int, default=32, help="new tokens in the scaling table")
+    parser.add_argument("--scaling-prompts", default="128,512,2048", help="prompt lengths in the scaling table")
     parser.add_argument("--repeated", action="store_true", help="also time m2io_jax without prefix sharing")
     parser.add_argument("--skip-peers", action="store_true", help="time m2io_jax only")
     args = parser.parse_args()
