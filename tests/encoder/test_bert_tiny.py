@@ -54,8 +54,8 @@ def test_round_trip_through_registry(saved):
 
 
 def test_hidden_states_match_transformers_every_layer(saved):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     encoder, path = saved
     reference = transformers.BertModel.from_pretrained(path).eval()
     texts = _TEXTS + ["short", "a longer sentence about bread and the reset button and a fox " * 3]
@@ -71,7 +71,7 @@ def test_hidden_states_match_transformers_every_layer(saved):
 
 
 def test_sentence_transformers_loads_what_we_save(saved):
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import sentence_transformers
     encoder, path = saved
     reference = sentence_transformers.SentenceTransformer(path, device="cpu").encode(_TEXTS)
     np.testing.assert_allclose(encoder.encode(_TEXTS), reference, atol=2e-5)

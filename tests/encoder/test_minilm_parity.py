@@ -14,7 +14,7 @@ def encoder(minilm_path):
 
 @pytest.fixture(scope="module")
 def st_model(minilm_path):
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import sentence_transformers
     return sentence_transformers.SentenceTransformer(minilm_path, device="cpu")
 
 
