@@ -30,50 +30,7 @@ from absl import app, flags
 
 from m2io_jax.data import mramg
 from m2io_jax.eval import metrics
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """One answer: its question, the text with `<imgN>` markers and the marker -> image-name map."""
-
-    id: str
-    dataset: str
-    final_output: str
-    image_map: dict[str, str]
-
-    def images(self) -> list[str]:
-        """Predicted image names in order; an unmapped marker becomes a name no gold image has."""
-        return [self.image_map.get(m, f"<unmapped:{m}>") for m in metrics.image_markers(self.final_output)]
-
-
-def read_predictions(path: str) -> dict[tuple[str, str], Prediction]:
-    """Reads a predictions jsonl into {(dataset, id): Prediction}; any malformed line raises, naming file:line."""
-    out: dict[tuple[str, str], Prediction] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg}") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
-            missing = [k for k in ("id", "dataset", "final_output") if k not in record]
-            if missing:
-                raise ValueError(f"{where}: missing keys {missing}; expected id, dataset, final_output, image_map")
-            if not isinstance(record["final_output"], str):
-                raise ValueError(f"{where}: final_output must be a string, found {type(record['final_output']).__name__}")
-            image_map = record.get("image_map") or {}
-            if not isinstance(image_map, dict) or not all(isinstance(v, str) for v in image_map.values()):
-                raise ValueError(f"{where}: image_map must map marker ids ('img1') to image names (strings)")
-            prediction = Prediction(str(record["id"]), str(record["dataset"]), record["final_output"], image_map)
-            key = (prediction.dataset, prediction.id)
-            if key in out:
-                raise ValueError(f"{where}: duplicate prediction for dataset {key[0]!r} question {key[1]!r}")
-            out[key] = prediction
-    return out
+from m2io_jax.eval.predictions import Prediction, read_predictions
 
 
 @dataclasses.dataclass

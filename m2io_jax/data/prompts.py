@@ -13,16 +13,13 @@ Two knobs (see `m2io_jax.data.config`):
     Added chunks go to a slot chosen by a hash of the question id (not always last, so their position does
     not give them away), and, when the cap would drop a gold image, non-gold candidates go first.
 
-Predictions for `m2io_jax.evaluate` are jsonl lines
-`{"id", "dataset", "final_output" (text with <imgN>), "image_map" ({"img1": image name, ...})}`.
+`Candidates.image_map` is the `image_map` of a prediction (`m2io_jax.eval.predictions`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 from typing import Iterable, Mapping, Sequence
 
 from m2io_jax.data import mramg
@@ -184,27 +181,3 @@ def render_gold(question: mramg.Question, candidates: Candidates) -> str:
     for i, span in enumerate(spans):
         pieces.append(span.text + "".join(after.get(i, [])))
     return " ".join(pieces)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """One line of a predictions file read by `m2io_jax.evaluate`."""
-
-    id: str
-    dataset: str
-    final_output: str
-    image_map: dict[str, str]
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
-
-
-def write_predictions(path: str, predictions: Iterable[Prediction]) -> int:
-    """Writes predictions as jsonl (creating parent directories); returns the number of lines."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for p in predictions:
-            f.write(p.to_json() + "\n")
-            n += 1
-    return n

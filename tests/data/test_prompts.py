@@ -1,6 +1,4 @@
-"""Candidates: <imgN> numbering by first appearance, captions, gold ids, cap, missed-gold policy, predictions file."""
-
-import json
+"""Candidates: <imgN> numbering by first appearance, captions, gold ids, cap, missed-gold policy."""
 
 import pytest
 
@@ -62,10 +60,3 @@ def test_missed_gold_policy_rejects_unknown():
 def test_visual_recall():
     assert prompts.visual_recall(["a", "d"], [C1, C2]) == 0.5
     assert prompts.visual_recall([], [C1]) is None
-
-
-def test_write_predictions(tmp_path):
-    path = str(tmp_path / "out" / "preds.jsonl")
-    n = prompts.write_predictions(path, [prompts.Prediction("q1", "x", "Hi.<img1>", {"img1": "a"})])
-    assert n == 1
-    assert json.loads(open(path).read()) == {"id": "q1", "dataset": "x", "final_output": "Hi.<img1>", "image_map": {"img1": "a"}}

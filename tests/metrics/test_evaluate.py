@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from m2io_jax import evaluate
-from m2io_jax.eval import metrics
+from m2io_jax.eval import metrics, predictions
 
 QUESTIONS = [
     {"id": "q1", "question": "How to bake?", "provenance": [1], "images_list": ["a", "b"],
@@ -37,7 +37,7 @@ def _write(path, records):
 
 
 def test_scores_table(data_dir, tmp_path):
-    predictions = _write(tmp_path / "pred.jsonl", [
+    predictions_path = _write(tmp_path / "pred.jsonl", [
         # q1: images swapped (b, a) and text identical once markers are stripped.
         {"id": "q1", "dataset": "tiny", "final_output": "Mix the flour. <img2> Bake for twenty minutes. <img1>",
          "image_map": {"img1": "a", "img2": "b"}},
@@ -45,7 +45,7 @@ def test_scores_table(data_dir, tmp_path):
         {"id": "q2", "dataset": "tiny", "final_output": "Hold the button. <img3>", "image_map": {"img1": "c"}},
         {"id": "zzz", "dataset": "tiny", "final_output": "unknown question", "image_map": {}},
     ])  # q3 missing: scores 0
-    table, results = evaluate.evaluate(predictions, str(data_dir), bertscore=False)
+    table, results = evaluate.evaluate(predictions_path, str(data_dir), bertscore=False)
     (result,) = results
     assert result.missing == ["q3"] and result.unknown == ["zzz"]
     q1, q2, q3 = (result.scores[q] for q in ("q1", "q2", "q3"))
@@ -56,18 +56,18 @@ def test_scores_table(data_dir, tmp_path):
     assert q3 == dataclasses.replace(metrics.ZERO_SCORES, bert_score=None)
     assert table["tiny"]["Prec."] == pytest.approx(100 / 3)
     assert table["tiny"]["B.S."] is None
-    raw, _ = evaluate.evaluate(predictions, str(data_dir), bertscore=False, strip_markers=False)
+    raw, _ = evaluate.evaluate(predictions_path, str(data_dir), bertscore=False, strip_markers=False)
     assert raw["tiny"]["R.L."] < table["tiny"]["R.L."]
 
 
 def test_cli_with_bertscore(data_dir, tmp_path):
-    predictions = _write(tmp_path / "pred.jsonl", [
+    predictions_path = _write(tmp_path / "pred.jsonl", [
         {"id": q["id"], "dataset": "tiny", "final_output": q["ground_truth"].replace("<PIC>", ""), "image_map": {}}
         for q in QUESTIONS
     ])
     out = tmp_path / "scores.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "m2io_jax.evaluate", f"--predictions={predictions}", f"--data={data_dir}",
+        [sys.executable, "-m", "m2io_jax.evaluate", f"--predictions={predictions_path}", f"--data={data_dir}",
          f"--output={out}"],
         capture_output=True, text=True, check=False,
     )
@@ -85,13 +85,13 @@ def test_bad_predictions_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": "q1", "dataset": "tiny", "final_output": "x"}\n{"id": "q2"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing keys \['dataset', 'final_output'\]"):
-        evaluate.read_predictions(str(path))
+        predictions.read_predictions(str(path))
     path.write_text('{"id": "q1", "dataset": "t", "final_output": "x"}\n{"id": "q1", "dataset": "t", "final_output": "y"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: duplicate prediction"):
-        evaluate.read_predictions(str(path))
+        predictions.read_predictions(str(path))
     path.write_text("not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: invalid JSON"):
-        evaluate.read_predictions(str(path))
+        predictions.read_predictions(str(path))
 
 
 def test_demo_corpus_gold_answers_score_perfectly(tmp_path):
@@ -108,3 +108,12 @@ def test_demo_corpus_gold_answers_score_perfectly(tmp_path):
     table, _ = evaluate.evaluate(_write(tmp_path / "p.jsonl", records), root, bertscore=False)
     assert table[name]["F1"] == pytest.approx(100.0) and table[name]["Ord."] == pytest.approx(100.0)
     assert table[name]["R.L."] == pytest.approx(100.0)
+
+
+def test_written_predictions_read_back(tmp_path):
+    path = str(tmp_path / "out" / "preds.jsonl")
+    written = [predictions.Prediction("q1", "x", "Hi.<img1> Then <img3>.", {"img1": "a", "img2": "b"})]
+    assert predictions.write_predictions(path, written) == 1
+    read = predictions.read_predictions(path)
+    assert read == {("x", "q1"): written[0]}
+    assert read[("x", "q1")].images() == ["a", "<unmapped:img3>"]
