@@ -186,13 +186,17 @@ class SelfAttention(nnx.Module):
         self.out_bias = _param(rngs, (d,), ("encoder_embed",), dtype, "zeros")
 
     def __call__(self, x: jax.Array, attention_bias: jax.Array) -> jax.Array:
-        q = jnp.einsum("btd,dhk->bthk", x, self.query_kernel[...]) + self.query_bias[...]  # [B, T, H, Dh]
-        k = jnp.einsum("btd,dhk->bthk", x, self.key_kernel[...]) + self.key_bias[...]
-        v = jnp.einsum("btd,dhk->bthk", x, self.value_kernel[...]) + self.value_bias[...]
-        logits = jnp.einsum("bqhk,bthk->bhqt", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-        probs = jax.nn.softmax(logits + attention_bias, axis=-1).astype(x.dtype)  # [B, H, T, T]
-        context = jnp.einsum("bhqt,bthk->bqhk", probs, v)
-        return jnp.einsum("bthk,hkd->btd", context, self.out_kernel[...]) + self.out_bias[...]
+        # Heads-major [B, H, T, Dh] layout: XLA:CPU runs the batched score and context products of this layout
+        # about 1.3x faster than [B, T, H, Dh]. The 1/sqrt(Dh) scale is folded into q (one pass less over
+        # the [B, H, T, T] scores).
+        scale = 1.0 / math.sqrt(self.query_kernel.shape[-1])
+        q = (jnp.einsum("btd,dhk->bhtk", x, self.query_kernel[...]) + self.query_bias[...][:, None]) * scale
+        k = jnp.einsum("btd,dhk->bhtk", x, self.key_kernel[...]) + self.key_bias[...][:, None]
+        v = jnp.einsum("btd,dhk->bhtk", x, self.value_kernel[...]) + self.value_bias[...][:, None]
+        logits = jnp.einsum("bhqk,bhtk->bhqt", q, k).astype(jnp.float32)  # [B, H, T, T]
+        probs = jax.nn.softmax(logits + attention_bias, axis=-1).astype(x.dtype)
+        context = jnp.einsum("bhqt,bhtk->bhqk", probs, v)
+        return jnp.einsum("bhtk,hkd->btd", context, self.out_kernel[...]) + self.out_bias[...]
 
 
 class Layer(nnx.Module):
