@@ -44,7 +44,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 
 from m2io_jax import sharding as shd
-from m2io_jax.models.qwen2 import apply_rope, rms_norm, rope_cos_sin
+from m2io_jax.models.qwen2 import attention_residual_and_mlp, project_qkv, rms_norm, rope_cos_sin
 
 # -------------------------------------------------------------------------------------------------- buckets
 
@@ -297,15 +297,11 @@ def _decode_step(program: _Program, model: nnx.Module, prefix: PrefixCache, stop
     x = model.embed(last.reshape(m, 1))  # [M, 1, D]
     suffix_mask = jnp.arange(span) <= slot  # [span]
     weights = model.layers.stacked(c.dtype)
-    eps = c.rms_norm_eps
 
     def layer(carry, xs):
         x, sk_all, sv_all = carry
         w, pk, pv, i = xs
-        h = rms_norm(x, w["input_norm"], eps)
-        q = apply_rope(jnp.einsum("btd,dnh->btnh", h, w["q_proj"]) + w["q_bias"], cos, sin)  # [M, 1, H, hd]
-        k = apply_rope(jnp.einsum("btd,dnh->btnh", h, w["k_proj"]) + w["k_bias"], cos, sin)  # [M, 1, KV, hd]
-        v = jnp.einsum("btd,dnh->btnh", h, w["v_proj"]) + w["v_bias"]
+        q, k, v = project_qkv(c, x, w, cos, sin)  # [M, 1, H, hd], [M, 1, KV, hd] x2
         new_k = k.reshape(1, r, g, 1, *k.shape[2:]).astype(sk_all.dtype)
         new_v = v.reshape(1, r, g, 1, *v.shape[2:]).astype(sv_all.dtype)
         sk_all = jax.lax.dynamic_update_slice(sk_all, new_k, (i, 0, 0, slot, 0, 0))
@@ -314,17 +310,13 @@ def _decode_step(program: _Program, model: nnx.Module, prefix: PrefixCache, stop
         sv = jax.lax.dynamic_index_in_dim(sv_all, i, axis=0, keepdims=False)[:, :, :span]
         q = shd.constrain(q.reshape(r, g, *q.shape[2:]), ("batch", None, "act_heads", None))
         out = shared_prefix_attention(q, pk, pv, prefix.mask, sk.astype(q.dtype), sv.astype(q.dtype), suffix_mask)
-        x = x + jnp.einsum("btnh,nhd->btd", out.reshape(m, 1, *out.shape[2:]), w["o_proj"])
-        h = rms_norm(x, w["post_norm"], eps)
-        gate = jnp.einsum("btd,df->btf", h, w["gate_proj"])
-        up = jnp.einsum("btd,df->btf", h, w["up_proj"])
-        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down_proj"])
+        x = attention_residual_and_mlp(c, x, w, out.reshape(m, 1, *out.shape[2:]))
         return (shd.constrain(x, ("batch", "length", "act_embed")), sk_all, sv_all), None
 
     layer_ids = jnp.arange(c.num_hidden_layers)
     (x, sk_all, sv_all), _ = jax.lax.scan(
         layer, (x, state.suffix_k, state.suffix_v), (weights, prefix.k, prefix.v, layer_ids))
-    hidden = rms_norm(x[:, 0], model.norm[...], eps)  # [M, D]
+    hidden = rms_norm(x[:, 0], model.norm[...], c.rms_norm_eps)  # [M, D]
     logits = jnp.einsum("md,dv->mv", hidden, model.lm_head_weight(), preferred_element_type=jnp.float32)
     tokens, logp = choose_tokens(logits, state.keys.reshape(m), state.step, temperature=program.temperature,
                                  top_k=program.top_k, top_p=program.top_p)

@@ -268,6 +268,33 @@ class DecoderLayers(nnx.Module):
         return {name: var[...].astype(dtype) for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
+def project_qkv(
+    config: Qwen2Config, x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """First half of a decoder layer: pre-norm, Q/K/V projections, rotary on Q and K.
+
+    x [B, T, D]; w: one layer's weights -> q [B, T, H, hd], k and v [B, T, KV, hd]. Shared with the sampler,
+    whose decode step attends differently (shared prompt cache) but projects the same way.
+    """
+    h = rms_norm(x, w["input_norm"], config.rms_norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, w["q_proj"]) + w["q_bias"]
+    k = jnp.einsum("btd,dnh->btnh", h, w["k_proj"]) + w["k_bias"]
+    v = jnp.einsum("btd,dnh->btnh", h, w["v_proj"]) + w["v_bias"]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_residual_and_mlp(
+    config: Qwen2Config, x: jax.Array, w: dict[str, jax.Array], attended: jax.Array,
+) -> jax.Array:
+    """Second half of a decoder layer: output projection of attended [B, T, H, hd] and the SwiGLU MLP, each
+    added to the residual stream x [B, T, D]."""
+    x = x + jnp.einsum("btnh,nhd->btd", attended, w["o_proj"])
+    h = rms_norm(x, w["post_norm"], config.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, w["gate_proj"])
+    up = jnp.einsum("btd,df->btf", h, w["up_proj"])
+    return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down_proj"])
+
+
 def decoder_layer(
     config: Qwen2Config, x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
     mask: jax.Array, kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
@@ -276,22 +303,14 @@ def decoder_layer(
 
     Returns the new residual stream and the keys/values attended over (the updated cache when kv is given).
     """
-    eps = config.rms_norm_eps
-    h = rms_norm(x, w["input_norm"], eps)
-    q = jnp.einsum("btd,dnh->btnh", h, w["q_proj"]) + w["q_bias"]  # [B, T, H, hd]
-    k = jnp.einsum("btd,dnh->btnh", h, w["k_proj"]) + w["k_bias"]  # [B, T, KV, hd]
-    v = jnp.einsum("btd,dnh->btnh", h, w["v_proj"]) + w["v_bias"]
-    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
-    k = constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
+    q, k, v = project_qkv(config, x, w, cos, sin)  # [B, T, H, hd], [B, T, KV, hd] x2
+    q = constrain(q, ("batch", "length", "act_heads", None))
+    k = constrain(k, ("batch", "length", "act_kv_heads", None))
     if kv is not None:
         k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))  # [B, S, KV, hd]
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
     out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    x = x + jnp.einsum("btnh,nhd->btd", out, w["o_proj"])
-    h = rms_norm(x, w["post_norm"], eps)
-    gate = jnp.einsum("btd,df->btf", h, w["gate_proj"])
-    up = jnp.einsum("btd,df->btf", h, w["up_proj"])
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down_proj"])
+    x = attention_residual_and_mlp(config, x, w, out)
     return constrain(x, ("batch", "length", "act_embed")), (k, v)
 
 
