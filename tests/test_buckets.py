@@ -1,0 +1,28 @@
+"""Static-shape buckets: powers of two and configured sizes."""
+
+import pytest
+
+from m2io_jax.buckets import bucket_size, next_power_of_two
+
+
+def test_next_power_of_two():
+    assert [next_power_of_two(n) for n in (-3, 0, 1, 2, 3, 4, 5, 7, 8, 9, 1023, 1024, 1025)] == [
+        1, 1, 1, 2, 4, 4, 8, 8, 8, 16, 1024, 1024, 2048]
+
+
+def test_powers_of_two_without_choices():
+    assert [bucket_size(n, None, 1, "rows") for n in (0, 1, 2, 3, 16, 17)] == [1, 1, 2, 4, 16, 32]
+    assert [bucket_size(n, None, 16, "prompt length") for n in (0, 1, 16, 17)] == [16, 16, 16, 32]
+    assert bucket_size(5, None, 3, "rows") == 8  # a minimum that is not a power of two rounds up too
+    assert bucket_size(5, (), 1, "images") == 8  # an empty list means powers of two
+
+
+def test_configured_choices():
+    choices = (48, 16, 32)  # unsorted on purpose
+    assert [bucket_size(n, choices, 1, "batch size") for n in (0, 1, 16, 17, 33, 48)] == [16, 16, 16, 32, 48, 48]
+    assert bucket_size(3, choices, 64, "batch size") == 16  # the minimum applies only to powers of two
+
+
+def test_over_the_largest_choice_names_what_and_the_buckets():
+    with pytest.raises(ValueError, match=r"^prompt length=49 exceeds the largest bucket 48 \(buckets: \(16, 48\)\)$"):
+        bucket_size(49, (16, 48), 1, "prompt length")
