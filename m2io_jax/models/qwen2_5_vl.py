@@ -6,8 +6,9 @@ SwiGLU MLPs, 2x2 patch merger) runs on static, bucketed shapes. The host turns a
 whose canonical layout is **padded windows** `[num_windows, window_len]`:
 
 - window blocks attend inside each row (never a `[total_patches]^2` mask);
-- full-attention blocks gather the patches of each image into `[num_images, image_len]` rows, attend, and
-  gather back;
+- full-attention blocks gather the windows of each image into `[num_images, windows_per_image * window_len]`
+  rows (attention does not depend on the order of keys, so no patch-level reorder is needed), attend in
+  bounded query blocks, and gather the windows back;
 - the merger works on whole 2x2 merge units, which never straddle a window row;
 - one last gather puts the merged tokens in Hugging Face order (image after image, raster order).
 
@@ -31,41 +32,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m2io_jax.buckets import bucket_size
 from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, apply_rope, rms_norm
 from m2io_jax.sharding import constrain
 
 
-_NEG_INF = float(np.finfo(np.float32).min)
+_MASKED = -1e30  # additive score bias of padding keys (finite: all-padding rows stay NaN-free)
 
 
 # ----------------------------------------------------------------------------------------------- configs
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def _pick_bucket(n: int, sizes: Sequence[int], what: str) -> int:
-    """Smallest configured size >= n (next power of two when no sizes are configured)."""
-    if not sizes:
-        return _next_power_of_two(max(n, 1))
-    for size in sorted(sizes):
-        if size >= n:
-            return int(size)
-    raise ValueError(f"{what}: {n} is over the largest configured bucket {max(sizes)} (buckets {tuple(sizes)})")
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionBuckets:
     """Static sizes a batch of images is padded to; one compilation per combination in use.
 
-    Empty tuples mean "next power of two". `max_image_patches` is the pixel budget per image in patches
-    (`max_pixels / patch_size**2`); an image over it is refused with an error that names it.
+    Empty tuples mean "next power of two". `windows` counts the attention windows of the whole batch,
+    `images` the images (frames), `image_windows` the windows of one image (the row length of the
+    full-attention blocks is `image_windows * window_len`). `max_image_patches` is the pixel budget per image
+    in patches (`max_pixels / patch_size**2`); an image over it is refused with an error that names it.
     """
 
     windows: tuple[int, ...] = ()
     images: tuple[int, ...] = ()
-    image_patches: tuple[int, ...] = ()
+    image_windows: tuple[int, ...] = ()
     max_image_patches: int = 16384
 
 
@@ -88,6 +78,11 @@ class VisionConfig:
     rms_norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Not in the checkpoint: the most attention scores (images x heads x query rows x image length) one step
+    # of a full-attention block holds. The query rows are split into as many steps as needed, so memory and
+    # cache traffic stay bounded for any number and size of images (16 images of 1024 patches and 4 heads
+    # would otherwise hold 268 MB of scores at once). Raise it on accelerators with memory to spare.
+    full_attention_block_scores: int = 1 << 22
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -100,6 +95,8 @@ class VisionConfig:
             raise ValueError(
                 f"vision_config: window_size {self.window_size} is not a multiple of "
                 f"spatial_merge_size * patch_size = {self.spatial_merge_size * self.patch_size}")
+        if self.full_attention_block_scores < 1:
+            raise ValueError(f"full_attention_block_scores must be positive, got {self.full_attention_block_scores}")
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"vision_config: fullatt_block_indexes {bad} outside [0, depth={self.depth})")
@@ -158,15 +155,15 @@ class VisionConfig:
 class VisionInputs(NamedTuple):
     """A batch of images in the padded window layout (numpy on the host, jax arrays under jit).
 
-    Shapes: W windows, L = window_len, I image (frame) rows, S patches per image row, F = W * L / merge_unit.
+    Shapes: W windows, L = window_len, I image (frame) rows, V windows per image row, F = W * L / merge_unit.
     """
 
     patches: Any  # [W, L, patch_dim] float, pixel rows in window order, zeros in padding slots
     patch_hw: Any  # [W, L, 2] int32 (row, col) of each patch in its image, for the 2-D rotary
     window_valid: Any  # [W, L] bool
-    image_gather: Any  # [I, S] int32 index into the flat [W * L] window layout
-    image_valid: Any  # [I, S] bool
-    window_scatter: Any  # [W * L] int32 index into the flat [I * S] image layout (0 for padding slots)
+    image_windows: Any  # [I, V] int32: the windows of each image (frame) in order, 0 in padding slots
+    image_valid: Any  # [I, V * L] bool: the real patches of each image row
+    window_slot: Any  # [W] int32: slot i * V + v of each window in image_windows (0 for padding windows)
     feature_gather: Any  # [F] int32 index into the flat [W * L / merge_unit] merged tokens, HF order
 
 
@@ -233,7 +230,7 @@ def plan_vision_inputs(pixel_values: Any, image_grid_thw: Any, config: VisionCon
         offset += t * gh * gw
     unit_hw_all = np.concatenate(unit_hw, axis=0)  # [U, 2]
 
-    num_windows = _pick_bucket(len(windows), buckets.windows, "vision windows in the batch")
+    num_windows = bucket_size(len(windows), buckets.windows, 1, "vision windows in the batch")
     units_per_window = window_len // unit
     slot_unit = np.full((num_windows, units_per_window), -1, dtype=np.int64)
     for wi, ids in enumerate(windows):
@@ -248,23 +245,22 @@ def plan_vision_inputs(pixel_values: Any, image_grid_thw: Any, config: VisionCon
     patch_hw = (unit_hw_all[np.maximum(slot_unit, 0)][:, :, None, :] + sub_hw).reshape(num_windows, window_len, 2)
     patch_hw = np.where(window_valid[..., None], patch_hw, 0).astype(np.int32)
 
-    frame_slots = [np.flatnonzero(window_valid[r.start:r.stop].reshape(-1)) + r.start * window_len
-                   for r in frame_windows]
-    num_images = _pick_bucket(len(frame_slots), buckets.images, "images (frames) in the batch")
-    image_len = _pick_bucket(max(len(s) for s in frame_slots), buckets.image_patches, "patches of one image")
-    image_gather = np.zeros((num_images, image_len), dtype=np.int32)
-    image_valid = np.zeros((num_images, image_len), dtype=bool)
-    window_scatter = np.zeros((num_windows * window_len,), dtype=np.int32)
-    for fi, slots in enumerate(frame_slots):
-        image_gather[fi, :len(slots)] = slots
-        image_valid[fi, :len(slots)] = True
-        window_scatter[slots] = fi * image_len + np.arange(len(slots))
+    num_images = bucket_size(len(frame_windows), buckets.images, 1, "images (frames) in the batch")
+    per_image = bucket_size(max(len(r) for r in frame_windows), buckets.image_windows, 1, "windows of one image")
+    image_windows = np.zeros((num_images, per_image), dtype=np.int32)
+    used = np.zeros((num_images, per_image), dtype=bool)
+    window_slot = np.zeros((num_windows,), dtype=np.int32)
+    for fi, r in enumerate(frame_windows):
+        image_windows[fi, :len(r)] = r
+        used[fi, :len(r)] = True
+        window_slot[r.start:r.stop] = fi * per_image + np.arange(len(r))
+    image_valid = (window_valid[image_windows] & used[..., None]).reshape(num_images, per_image * window_len)
 
     feature_gather = np.zeros((num_windows * units_per_window,), dtype=np.int32)
     flat_units = slot_unit.reshape(-1)
     feature_gather[flat_units[flat_units >= 0]] = np.flatnonzero(flat_units >= 0)
-    return VisionInputs(patches=patches, patch_hw=patch_hw, window_valid=window_valid, image_gather=image_gather,
-                        image_valid=image_valid, window_scatter=window_scatter, feature_gather=feature_gather)
+    return VisionInputs(patches=patches, patch_hw=patch_hw, window_valid=window_valid, image_windows=image_windows,
+                        image_valid=image_valid, window_slot=window_slot, feature_gather=feature_gather)
 
 
 def mrope_positions(input_ids: Any, image_grid_thw: Any | None, *, image_token_id: int, spatial_merge_size: int,
@@ -368,13 +364,40 @@ def vision_rotary(patch_hw: jax.Array, head_dim: int, theta: float = 10000.0) ->
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
-    """Bidirectional attention inside each row; q, k, v `[N, L, H, d]`, valid `[N, L]` marks real keys."""
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(valid[:, None, None, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
+    """Bidirectional softmax attention in the heads-major layout.
+
+    q `[..., H, Q, d]` (already scaled by d**-0.5), k, v `[..., H, K, d]`, key_valid `[..., K]` bool. Scores
+    and softmax statistics are float32; the softmax denominator divides the `[Q, d]` output instead of the
+    `[Q, K]` probabilities, one pass less over the largest tensor. A row whose keys are all padding gets a
+    finite (meaningless) output, never NaN.
+    """
+    bias = jnp.where(key_valid, 0.0, _MASKED)[..., None, None, :]  # [..., 1, 1, K]
+    scores = jnp.einsum("...hqd,...hkd->...hqk", q, k, preferred_element_type=jnp.float32) + bias
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jnp.einsum("...hqk,...hkd->...hqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(probs, axis=-1, keepdims=True)).astype(v.dtype)
+
+
+def query_block_size(num_rows: int, num_heads: int, row_len: int, max_scores: int) -> int:
+    """The largest divisor of `row_len` such that one step's scores `[rows, heads, block, row_len]` fit."""
+    limit = max(1, max_scores // (num_rows * num_heads * row_len))
+    return max(d for d in range(1, min(limit, row_len) + 1) if row_len % d == 0)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, max_scores: int) -> jax.Array:
+    """`attention` over long rows, a block of query rows per loop step: q, k, v `[N, H, S, d]`, key_valid `[N, S]`.
+
+    Rows and heads stay batch dimensions of every step (they keep their sharding); only the query axis is
+    looped, so at most `max_scores` scores exist at a time.
+    """
+    n, h, s, d = q.shape
+    block = query_block_size(n, h, s, max_scores)
+    if block == s:
+        return attention(q, k, v, key_valid)
+    blocks = jnp.moveaxis(q.reshape(n, h, s // block, block, d), 2, 0)  # [S / block, N, H, block, d]
+    out = jax.lax.map(lambda q_block: attention(q_block, k, v, key_valid), blocks)
+    return jnp.moveaxis(out, 0, 2).reshape(n, h, s, d)
 
 
 class VisionBlock(nnx.Module):
@@ -403,17 +426,21 @@ class VisionBlock(nnx.Module):
         cfg, dt = self.config, self.config.dtype
         h = rms_norm(x, self.norm1[...].astype(dt), cfg.rms_norm_eps)
         qkv = jnp.einsum("wld,dshe->wlshe", h, self.qkv[...].astype(dt)) + self.qkv_bias[...].astype(dt)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [W, L, H, hd]
-        q = apply_rope(q.astype(jnp.float32), cos, sin).astype(dt)  # rotary in float32, as transformers does
-        k = apply_rope(k.astype(jnp.float32), cos, sin).astype(dt)
-        if self.full_attention:  # window layout -> one row per image -> attention -> back
-            q, k, v = (a.reshape(-1, *a.shape[2:])[inputs.image_gather] for a in (q, k, v))  # [I, S, H, hd]
-            out = _attention(q, k, v, inputs.image_valid)
-            out = out.reshape(-1, *out.shape[2:])[inputs.window_scatter]  # [W * L, H, hd]
-            out = out.reshape(x.shape[:2] + out.shape[1:])
+        # Rotary in float32 as transformers does, the softmax scale folded into q, then heads-major [W, H, L, hd].
+        q = apply_rope(qkv[:, :, 0].astype(jnp.float32), cos, sin) * cfg.head_dim**-0.5
+        k = apply_rope(qkv[:, :, 1].astype(jnp.float32), cos, sin)
+        q, k, v = (jnp.swapaxes(a.astype(dt), 1, 2) for a in (q, k, qkv[:, :, 2]))
+        if self.full_attention:  # windows -> one row per image -> attention -> windows
+            _, heads, length, hd = q.shape
+            rows = inputs.image_windows.shape  # (I, V)
+            q, k, v = (jnp.swapaxes(a[inputs.image_windows], 1, 2).reshape(rows[0], heads, -1, hd)
+                       for a in (q, k, v))  # [I, H, V * L, hd]
+            out = blocked_attention(q, k, v, inputs.image_valid, cfg.full_attention_block_scores)
+            out = jnp.swapaxes(out.reshape(rows[0], heads, rows[1], length, hd), 1, 2).reshape(-1, heads, length, hd)
+            out = out[inputs.window_slot]  # [W, H, L, hd]
         else:
-            out = _attention(q, k, v, inputs.window_valid)
-        x = x + jnp.einsum("wlhe,hed->wld", out, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
+            out = attention(q, k, v, inputs.window_valid)
+        x = x + jnp.einsum("whle,hed->wld", out, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
         h = rms_norm(x, self.norm2[...].astype(dt), cfg.rms_norm_eps)
         gate = h @ self.gate[...].astype(dt) + self.gate_bias[...].astype(dt)
         up = h @ self.up[...].astype(dt) + self.up_bias[...].astype(dt)

@@ -2,25 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from m2io_jax.models import qwen2_5_vl as vl
 from tests.vl.helpers import IMAGE_TOKEN_ID, conversation, hf_logits, images_for
 
 
-def test_vision_tower_matches_transformers(hf_model, jax_model):
-    grid = np.array([[1, 20, 14], [1, 6, 8], [1, 18, 26], [2, 4, 4]])  # last: two frames, as a video would be
-    pixels = np.random.default_rng(0).standard_normal((int(grid.prod(1).sum()), 1176)).astype(np.float32)
+TOWER_GRID = np.array([[1, 20, 14], [1, 6, 8], [1, 18, 26], [2, 4, 4]])  # last: two frames, as a video would be
+
+
+def _tower_reference(hf_model) -> tuple[np.ndarray, np.ndarray]:
+    pixels = np.random.default_rng(0).standard_normal((int(TOWER_GRID.prod(1).sum()), 1176)).astype(np.float32)
     with torch.no_grad():
-        ref = hf_model.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid)).pooler_output.numpy()
-    inputs = vl.plan_vision_inputs(pixels, grid, jax_model.config.vision)
-    out = np.asarray(jax.jit(lambda m, x: m.encode_images(x))(jax_model, inputs))
+        ref = hf_model.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(TOWER_GRID)).pooler_output
+    return pixels, ref.numpy()
+
+
+def _assert_tower_matches(tower: vl.VisionTower, pixels: np.ndarray, ref: np.ndarray) -> None:
+    inputs = vl.plan_vision_inputs(pixels, TOWER_GRID, tower.config)
+    out = np.asarray(jax.jit(lambda m, x: m(x))(tower, inputs))
     assert out.shape[0] >= ref.shape[0]
     np.testing.assert_allclose(out[:ref.shape[0]], ref, atol=1e-5, rtol=0)
+
+
+def test_vision_tower_matches_transformers(hf_model, jax_model):
+    _assert_tower_matches(jax_model.visual, *_tower_reference(hf_model))
+
+
+def test_full_attention_in_query_blocks_matches_transformers(hf_model, jax_model):
+    pixels, ref = _tower_reference(hf_model)
+    cfg = jax_model.config.vision
+    images, row_len = vl.plan_vision_inputs(pixels, TOWER_GRID, cfg).image_valid.shape
+    budget = images * cfg.num_heads * row_len * (row_len // 4)  # about four query blocks per image row
+    assert vl.query_block_size(images, cfg.num_heads, row_len, budget) < row_len
+    tower = vl.VisionTower(dataclasses.replace(cfg, full_attention_block_scores=budget), rngs=nnx.Rngs(1))
+    nnx.update(tower, nnx.state(jax_model.visual))
+    _assert_tower_matches(tower, pixels, ref)
+
+
+def test_query_block_size_divides_the_row_and_respects_the_budget():
+    assert vl.query_block_size(16, 4, 1024, 1 << 22) == 64
+    assert vl.query_block_size(1, 1, 96, 96 * 40) == 32  # largest divisor of 96 that is <= 40
+    assert vl.query_block_size(1, 1, 97, 96 * 40) == 1  # prime row length: one query row per step
+    assert vl.query_block_size(2, 2, 64, 1 << 30) == 64  # budget above the whole row: one step
 
 
 def test_positions_match_transformers(hf_model, processor):
