@@ -8,6 +8,14 @@ pixels, float32, both sides on the same CPU threads. Both timings start from `pi
 `image_grid_thw` as the image processor returns them: ours includes the host-side layout planning
 (`plan_vision_inputs`) and excludes compilation (one warm-up call). The two sides alternate, medians of
 `--iters` runs are compared. The last line is one JSON object.
+
+The JSON also places both timings against the machine's arithmetic: `gflop` counts the tower's matmul
+FLOPs (projections, MLPs, merger and attention), `gemm_gflops` is the best float32 rate of a plain
+`[patches, width] x [width, mlp]` matmul in either framework on the same threads, and `speedup_ceiling`
+is what the ratio would be if our tower ran every FLOP at that rate with nothing else costing time. On a
+CPU this ceiling, not the code, bounds the ratio.
+
+With a GPU visible to both frameworks (jax's default backend "gpu" and torch.cuda), both sides run there.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ def _jax_tower(torch_model) -> VisionTower:
     """Our tower holding the torch model's weights (through the checkpoint mapping used for real weights)."""
     config = VisionConfig.from_hf(HF_VISION)
     tower = VisionTower(config, rngs=nnx.Rngs(0))
-    weights = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    weights = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
     flat = {}
     for spec in vision_tensor_specs(config, prefix="", path_prefix=()):
         flat[spec.path] = spec.to_ours(weights[spec.hf_name])
@@ -60,6 +68,48 @@ def _jax_tower(torch_model) -> VisionTower:
         var.set_value(jax.numpy.asarray(flat[tuple(str(k) for k in path)]))
     nnx.update(tower, state)
     return tower
+
+
+def tower_gflop(config: VisionConfig, grid: np.ndarray) -> float:
+    """Matmul GFLOP of one tower pass over images of these (t, h, w) grids (2 FLOPs per multiply-add)."""
+    d, f = config.hidden_size, config.intermediate_size
+    patches = int(grid.prod(axis=1).sum())
+    linear = patches * (config.patch_dim * d + config.depth * (4 * d * d + 3 * d * f))
+    merged = patches // config.merge_unit
+    wide = d * config.merge_unit
+    merger = merged * (wide * wide + wide * config.out_hidden_size)
+    full = len(config.fullatt_block_indexes)
+    side = config.window_units * config.spatial_merge_size  # window side in patches
+    window_keys = frame_keys = 0
+    for t, h, w in grid.tolist():
+        rows = [min(side, h - r) for r in range(0, h, side)]
+        cols = [min(side, w - c) for c in range(0, w, side)]
+        window_keys += t * sum((r * c) ** 2 for r in rows for c in cols)
+        frame_keys += t * (h * w) ** 2
+    attention = 2 * d * ((config.depth - full) * window_keys + full * frame_keys)  # QK^T and PV
+    return 2 * (linear + merger + attention) / 1e9
+
+
+def gemm_gflops(rows: int, config: VisionConfig, device: str, iters: int = 5) -> float:
+    """Best float32 GFLOP/s of `[rows, width] x [width, mlp]` in jax or torch (the tower's typical matmul)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, config.hidden_size)).astype(np.float32)
+    b = rng.standard_normal((config.hidden_size, config.intermediate_size)).astype(np.float32)
+    ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
+    ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    runs = {"jax": lambda: jax.block_until_ready(matmul(ja, jb)), "torch": lambda: _sync(device, ta @ tb)}
+    best = 0.0
+    for run in runs.values():
+        run()
+        best = max(best, 2 * a.shape[0] * a.shape[1] * b.shape[1] / min(_seconds(run) for _ in range(iters)) / 1e9)
+    return best
+
+
+def _sync(device: str, out):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out
 
 
 def _seconds(fn) -> float:
@@ -77,14 +127,15 @@ def main() -> None:
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    torch_model = _torch_tower(seed=0)
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    torch_model = _torch_tower(seed=0).to(device)
     tower = _jax_tower(torch_model)
     config = tower.config
 
     side = args.size // config.patch_size
     grid = np.tile(np.array([[1, side, side]], np.int64), (args.images, 1))
     pixels = np.random.default_rng(0).standard_normal((int(grid.prod(1).sum()), config.patch_dim)).astype(np.float32)
-    pixels_t, grid_t = torch.from_numpy(pixels), torch.from_numpy(grid)
+    pixels_t, grid_t = torch.from_numpy(pixels).to(device), torch.from_numpy(grid)
 
     encode = jax.jit(lambda model, x: model(x))
 
@@ -93,26 +144,32 @@ def main() -> None:
 
     def theirs():
         with torch.no_grad():
-            return torch_model(pixels_t, grid_thw=grid_t).pooler_output
+            return _sync(device, torch_model(pixels_t, grid_thw=grid_t).pooler_output)
 
     start = time.perf_counter()
     got = np.asarray(ours())
     compile_s = time.perf_counter() - start
-    want = theirs().numpy()
+    want = theirs().cpu().numpy()
     max_abs_diff = float(np.abs(got[:len(want)] - want).max())
     plan_s = statistics.median(_seconds(lambda: plan_vision_inputs(pixels, grid, config)) for _ in range(args.iters))
     # Interleaved, so that load from other processes on a shared machine hits both sides alike.
     pairs = [(_seconds(ours), _seconds(theirs)) for _ in range(args.iters)]
     ours_s = statistics.median(p[0] for p in pairs)
     theirs_s = statistics.median(p[1] for p in pairs)
+    gflop = tower_gflop(config, grid)
+    gemm = gemm_gflops(int(grid.prod(1).sum()), config, device)
     result = {
         "benchmark": "vision_tower", "images": args.images, "image_size": args.size, "patches": int(grid.prod(1).sum()),
-        "dtype": "float32", "threads": threads, "backend": jax.default_backend(),
+        "dtype": "float32", "threads": threads, "backend": jax.default_backend(), "torch_device": device,
         "jax_images_per_s": round(args.images / ours_s, 2), "torch_images_per_s": round(args.images / theirs_s, 2),
-        "speedup": round(theirs_s / ours_s, 2), "jax_host_plan_ms": round(1e3 * plan_s, 2),
-        "jax_compile_s": round(compile_s, 1), "max_abs_diff": max_abs_diff,
+        "speedup": round(theirs_s / ours_s, 2), "gflop": round(gflop, 1),
+        "jax_gflops": round(gflop / ours_s, 1), "torch_gflops": round(gflop / theirs_s, 1),
+        "gemm_gflops": round(gemm, 1), "speedup_ceiling": round(theirs_s * gemm / gflop, 2),
+        "jax_host_plan_ms": round(1e3 * plan_s, 2), "jax_compile_s": round(compile_s, 1), "max_abs_diff": max_abs_diff,
     }
-    print(f"ours {ours_s * 1e3:.1f} ms, transformers {theirs_s * 1e3:.1f} ms for {args.images} images")
+    print(f"ours {ours_s * 1e3:.1f} ms, transformers {theirs_s * 1e3:.1f} ms for {args.images} images; "
+          f"{gflop:.0f} GFLOP: {gflop / ours_s:.1f} vs {gflop / theirs_s:.1f} GFLOP/s, plain matmul {gemm:.1f} GFLOP/s, "
+          f"speedup ceiling at that rate {theirs_s * gemm / gflop:.2f}x")
     print(json.dumps(result))
 
 
