@@ -70,8 +70,12 @@ def _jax_tower(torch_model) -> VisionTower:
     return tower
 
 
-def tower_gflop(config: VisionConfig, grid: np.ndarray) -> float:
-    """Matmul GFLOP of one tower pass over images of these (t, h, w) grids (2 FLOPs per multiply-add)."""
+def tower_gflop(config: VisionConfig, grid: np.ndarray) -> tuple[float, float]:
+    """Matmul GFLOP of one tower pass over images of these (t, h, w) grids (2 FLOPs per multiply-add).
+
+    Returns (linear, attention): patch embedding, projections, MLPs and merger; then QK^T and PV of the window
+    blocks (keys of each window, edge windows smaller) and the full-attention blocks (all patches of a frame).
+    """
     d, f = config.hidden_size, config.intermediate_size
     patches = int(grid.prod(axis=1).sum())
     linear = patches * (config.patch_dim * d + config.depth * (4 * d * d + 3 * d * f))
@@ -87,7 +91,7 @@ def tower_gflop(config: VisionConfig, grid: np.ndarray) -> float:
         window_keys += t * sum((r * c) ** 2 for r in rows for c in cols)
         frame_keys += t * (h * w) ** 2
     attention = 2 * d * ((config.depth - full) * window_keys + full * frame_keys)  # QK^T and PV
-    return 2 * (linear + merger + attention) / 1e9
+    return 2 * (linear + merger) / 1e9, 2 * attention / 1e9
 
 
 def gemm_gflops(rows: int, config: VisionConfig, device: str, iters: int = 5) -> float:
@@ -156,7 +160,7 @@ def main() -> None:
     pairs = [(_seconds(ours), _seconds(theirs)) for _ in range(args.iters)]
     ours_s = statistics.median(p[0] for p in pairs)
     theirs_s = statistics.median(p[1] for p in pairs)
-    gflop = tower_gflop(config, grid)
+    gflop = sum(tower_gflop(config, grid))
     gemm = gemm_gflops(int(grid.prod(1).sum()), config, device)
     result = {
         "benchmark": "vision_tower", "images": args.images, "image_size": args.size, "patches": int(grid.prod(1).sum()),

@@ -1,11 +1,32 @@
-"""The vision benchmark runs end to end and prints its figures as one JSON object on the last line."""
+"""The vision benchmark: its FLOP count, and an end-to-end run that prints one JSON object on the last line."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from m2io_jax.bench import vision as bench
+from m2io_jax.models.qwen2_5_vl import VisionConfig
+
+
+def test_flop_count_matches_torch_counter_and_hand_count():
+    config = VisionConfig.from_hf(bench.HF_VISION)
+    grid = np.array([[1, 20, 14], [2, 6, 8]])  # edge windows of 4 and 6 patches a side; a 2-frame grid
+    pixels = torch.zeros(int(grid.prod(1).sum()), config.patch_dim)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # counts convolution and addmm, not sdpa
+        bench._torch_tower(seed=0)(pixels, grid_thw=torch.from_numpy(grid))
+    linear, attention = bench.tower_gflop(config, grid)
+    assert linear == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-9)
+    windows_20x14 = (8 * 8) ** 2 * 2 + (8 * 6) ** 2 * 2 + (4 * 8) ** 2 + (4 * 6) ** 2  # 8-patch windows, edges
+    windows_6x8 = 2 * (6 * 8) ** 2  # one window per frame
+    full = (20 * 14) ** 2 + 2 * (6 * 8) ** 2
+    d = config.hidden_size
+    assert attention == pytest.approx(4 * d * (6 * (windows_20x14 + windows_6x8) + 2 * full) / 1e9, rel=1e-9)
 
 
 @pytest.mark.slow
@@ -14,5 +35,5 @@ def test_vision_benchmark_prints_json():
     out = subprocess.run([sys.executable, "-m", "m2io_jax.bench.vision", "--images", "2", "--size", "224",
                           "--iters", "1"], check=True, capture_output=True, text=True, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["images"] == 2 and result["speedup"] > 0
+    assert result["images"] == 2 and result["speedup"] > 0 and result["speedup_ceiling"] > 0
     assert result["max_abs_diff"] < 1e-4
