@@ -139,7 +139,7 @@ def main() -> None:
     side = args.size // config.patch_size
     grid = np.tile(np.array([[1, side, side]], np.int64), (args.images, 1))
     pixels = np.random.default_rng(0).standard_normal((int(grid.prod(1).sum()), config.patch_dim)).astype(np.float32)
-    pixels_t, grid_t = torch.from_numpy(pixels).to(device), torch.from_numpy(grid)
+    pixels_t, grid_t = torch.from_numpy(pixels).to(device), torch.from_numpy(grid).to(device)
 
     encode = jax.jit(lambda model, x: model(x))
 
