@@ -18,10 +18,6 @@ from m2io_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditiona
 from m2io_jax.models.qwen2_hf import text_tensor_specs
 
 
-def _transpose(w):
-    return w.T
-
-
 def vision_tensor_specs(config: VisionConfig, *, prefix: str = "visual.",
                         path_prefix: tuple[str, ...] = ("visual",)) -> list[hf.TensorSpec]:
     """The checkpoint layout of the vision tower (Conv3d and fused qkv reshaped to our matmul layouts)."""
@@ -46,18 +42,18 @@ def vision_tensor_specs(config: VisionConfig, *, prefix: str = "visual.",
             spec(p + ("proj",), n + "attn.proj.weight", (d, d),
                  lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(-1, d).T),
             spec(p + ("proj_bias",), n + "attn.proj.bias", (d,)),
-            spec(p + ("gate",), n + "mlp.gate_proj.weight", (f, d), _transpose, _transpose),
+            spec(p + ("gate",), n + "mlp.gate_proj.weight", (f, d), hf.transpose, hf.transpose),
             spec(p + ("gate_bias",), n + "mlp.gate_proj.bias", (f,)),
-            spec(p + ("up",), n + "mlp.up_proj.weight", (f, d), _transpose, _transpose),
+            spec(p + ("up",), n + "mlp.up_proj.weight", (f, d), hf.transpose, hf.transpose),
             spec(p + ("up_bias",), n + "mlp.up_proj.bias", (f,)),
-            spec(p + ("down",), n + "mlp.down_proj.weight", (d, f), _transpose, _transpose),
+            spec(p + ("down",), n + "mlp.down_proj.weight", (d, f), hf.transpose, hf.transpose),
             spec(p + ("down_bias",), n + "mlp.down_proj.bias", (d,)),
         ]
     specs += [
         spec(("merger", "ln_q"), "merger.ln_q.weight", (d,)),
-        spec(("merger", "fc1"), "merger.mlp.0.weight", (wide, wide), _transpose, _transpose),
+        spec(("merger", "fc1"), "merger.mlp.0.weight", (wide, wide), hf.transpose, hf.transpose),
         spec(("merger", "fc1_bias"), "merger.mlp.0.bias", (wide,)),
-        spec(("merger", "fc2"), "merger.mlp.2.weight", (c.out_hidden_size, wide), _transpose, _transpose),
+        spec(("merger", "fc2"), "merger.mlp.2.weight", (c.out_hidden_size, wide), hf.transpose, hf.transpose),
         spec(("merger", "fc2_bias"), "merger.mlp.2.bias", (c.out_hidden_size,)),
     ]
     return specs

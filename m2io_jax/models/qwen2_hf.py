@@ -8,35 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from m2io_jax.models import hf
 from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
-
-
-def _split_heads_in(n: int, hd: int):
-    """HF [n*hd, D] (out, in) -> ours [D, n, hd]."""
-    return lambda w: w.T.reshape(w.shape[1], n, hd)
-
-
-def _merge_heads_in(w: np.ndarray) -> np.ndarray:
-    """ours [D, n, hd] -> HF [n*hd, D]."""
-    return w.reshape(w.shape[0], -1).T
-
-
-def _split_heads_out(n: int, hd: int):
-    """HF o_proj [D, n*hd] -> ours [n, hd, D]."""
-    return lambda w: w.T.reshape(n, hd, w.shape[0])
-
-
-def _merge_heads_out(w: np.ndarray) -> np.ndarray:
-    """ours [n, hd, D] -> HF [D, n*hd]."""
-    return w.reshape(-1, w.shape[-1]).T
-
-
-def _transpose(w: np.ndarray) -> np.ndarray:
-    return w.T
 
 
 def text_tensor_specs(
@@ -59,27 +34,24 @@ def text_tensor_specs(
     def stacked(name: str, hf_name: str, hf_shape, to_ours=hf.identity, to_hf=hf.identity) -> hf.TensorSpec:
         return hf.TensorSpec(path_prefix + ("layers", name), layer + hf_name, tuple(hf_shape), to_ours, to_hf, n)
 
-    def bias(heads: int):
-        return (lambda b: b.reshape(heads, hd)), (lambda b: b.reshape(-1))
-
     specs = [
         hf.TensorSpec(path_prefix + ("embed_tokens",), prefix + "embed_tokens.weight", (c.vocab_size, d)),
         hf.TensorSpec(path_prefix + ("norm",), prefix + "norm.weight", (d,)),
         stacked("input_norm", "input_layernorm.weight", (d,)),
         stacked("post_norm", "post_attention_layernorm.weight", (d,)),
-        stacked("q_proj", "self_attn.q_proj.weight", (h * hd, d), _split_heads_in(h, hd), _merge_heads_in),
-        stacked("k_proj", "self_attn.k_proj.weight", (kv * hd, d), _split_heads_in(kv, hd), _merge_heads_in),
-        stacked("v_proj", "self_attn.v_proj.weight", (kv * hd, d), _split_heads_in(kv, hd), _merge_heads_in),
-        stacked("q_bias", "self_attn.q_proj.bias", (h * hd,), *bias(h)),
-        stacked("k_bias", "self_attn.k_proj.bias", (kv * hd,), *bias(kv)),
-        stacked("v_bias", "self_attn.v_proj.bias", (kv * hd,), *bias(kv)),
-        stacked("o_proj", "self_attn.o_proj.weight", (d, h * hd), _split_heads_out(h, hd), _merge_heads_out),
-        stacked("gate_proj", "mlp.gate_proj.weight", (f, d), _transpose, _transpose),
-        stacked("up_proj", "mlp.up_proj.weight", (f, d), _transpose, _transpose),
-        stacked("down_proj", "mlp.down_proj.weight", (d, f), _transpose, _transpose),
+        stacked("q_proj", "self_attn.q_proj.weight", (h * hd, d), hf.split_heads_in(h, hd), hf.merge_heads_in),
+        stacked("k_proj", "self_attn.k_proj.weight", (kv * hd, d), hf.split_heads_in(kv, hd), hf.merge_heads_in),
+        stacked("v_proj", "self_attn.v_proj.weight", (kv * hd, d), hf.split_heads_in(kv, hd), hf.merge_heads_in),
+        stacked("q_bias", "self_attn.q_proj.bias", (h * hd,), hf.split_heads_bias(h, hd), hf.merge_heads_bias),
+        stacked("k_bias", "self_attn.k_proj.bias", (kv * hd,), hf.split_heads_bias(kv, hd), hf.merge_heads_bias),
+        stacked("v_bias", "self_attn.v_proj.bias", (kv * hd,), hf.split_heads_bias(kv, hd), hf.merge_heads_bias),
+        stacked("o_proj", "self_attn.o_proj.weight", (d, h * hd), hf.split_heads_out(h, hd), hf.merge_heads_out),
+        stacked("gate_proj", "mlp.gate_proj.weight", (f, d), hf.transpose, hf.transpose),
+        stacked("up_proj", "mlp.up_proj.weight", (f, d), hf.transpose, hf.transpose),
+        stacked("down_proj", "mlp.down_proj.weight", (d, f), hf.transpose, hf.transpose),
     ]
     if not c.tie_word_embeddings:
-        specs.append(hf.TensorSpec(path_prefix + ("lm_head",), lm_head, (c.vocab_size, d), _transpose, _transpose))
+        specs.append(hf.TensorSpec(path_prefix + ("lm_head",), lm_head, (c.vocab_size, d), hf.transpose, hf.transpose))
     return specs
 
 
