@@ -92,3 +92,21 @@ def test_vl_image_count_mismatch_raises_before_compiling(vl_checkpoint):
     with pytest.raises(ValueError, match="one processor output"):
         sampling.generate(model, [rows[0].input_ids[0].tolist()], max_new_tokens=4, images=[rows[0], rows[1]])
     assert sampling.compile_count() == before
+
+
+def test_vl_sharded_sampling_matches_single_device(vl_checkpoint):
+    from m2io_jax import sharding as shd
+
+    path, _ = vl_checkpoint
+    model = models.from_pretrained(path)
+    _, rows = processed(path, model)
+    prompts = [r.input_ids[0].tolist() for r in rows]
+    images = [r if r.pixel_values is not None else None for r in rows]
+    kwargs = dict(max_new_tokens=8, num_samples=2, temperature=1.0, seed=5, images=images)
+    single = sampling.generate(model, prompts, **kwargs)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded_model = models.from_pretrained(path, mesh=mesh)
+    assert "fsdp" in str(sharded_model.language_model.layers.gate_proj[...].sharding.spec)
+    sharded = sampling.generate(sharded_model, prompts, **kwargs)
+    assert sharded.tokens == single.tokens
+    np.testing.assert_allclose(np.array(sharded.logprobs), np.array(single.logprobs), atol=1e-5)
