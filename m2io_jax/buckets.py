@@ -1,7 +1,8 @@
 """Static-shape buckets: the padded size a dynamic length or count rounds up to, so jit compiles few shapes.
 
 Every padded dimension (prompt length, batch rows, images, vision windows) is either one of a configured list
-of sizes or, with none configured, the next power of two.
+of sizes or, with none configured, the next power of two, or (`fine=True`, for dimensions whose padding costs
+FLOPs quadratically or over many layers) the next of 2**k and 3 * 2**k.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ def next_power_of_two(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def bucket_size(n: int, choices: Sequence[int] | None, minimum: int, what: str) -> int:
+def next_power_of_two_or_three_quarters(n: int) -> int:
+    """The smallest size >= n in 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2**k or 3 * 2**k).
+
+    Two sizes per doubling: padding is at most a third of the padded size instead of a half.
+    """
+    power = next_power_of_two(n)
+    return 3 * power // 4 if power >= 4 and n <= 3 * power // 4 else power
+
+
+def bucket_size(n: int, choices: Sequence[int] | None, minimum: int, what: str, *, fine: bool = False) -> int:
     """The smallest bucket >= n.
 
     Args:
@@ -22,12 +32,14 @@ def bucket_size(n: int, choices: Sequence[int] | None, minimum: int, what: str) 
       choices: the configured bucket sizes; None or empty means powers of two.
       minimum: without choices, the smallest bucket (the result is the next power of two >= max(n, minimum)).
       what: what `n` counts, named in the error.
+      fine: without choices, round up to 2**k or 3 * 2**k (`next_power_of_two_or_three_quarters`).
 
     Raises:
       ValueError: `n` is larger than every configured choice.
     """
     if not choices:
-        return next_power_of_two(max(n, minimum))
+        size = max(n, minimum)
+        return next_power_of_two_or_three_quarters(size) if fine else next_power_of_two(size)
     fitting = [c for c in choices if c >= n]
     if not fitting:
         raise ValueError(f"{what}={n} exceeds the largest bucket {max(choices)} (buckets: {tuple(choices)})")

@@ -2,12 +2,19 @@
 
 import pytest
 
-from m2io_jax.buckets import bucket_size, next_power_of_two
+from m2io_jax.buckets import bucket_size, next_power_of_two, next_power_of_two_or_three_quarters
 
 
 def test_next_power_of_two():
     assert [next_power_of_two(n) for n in (-3, 0, 1, 2, 3, 4, 5, 7, 8, 9, 1023, 1024, 1025)] == [
         1, 1, 1, 2, 4, 4, 8, 8, 8, 16, 1024, 1024, 2048]
+
+
+def test_next_power_of_two_or_three_quarters():
+    assert [next_power_of_two_or_three_quarters(n) for n in (0, 1, 2, 3, 4, 5, 6, 7, 9, 13, 144, 1152, 1537)] == [
+        1, 1, 2, 3, 4, 6, 6, 8, 12, 16, 192, 1536, 2048]
+    assert bucket_size(144, None, 1, "windows", fine=True) == 192
+    assert bucket_size(144, (150, 256), 1, "windows", fine=True) == 150  # configured choices win
 
 
 def test_powers_of_two_without_choices():

@@ -38,7 +38,7 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
-from m2io_jax.buckets import next_power_of_two
+from m2io_jax.buckets import next_power_of_two, next_power_of_two_or_three_quarters
 from m2io_jax.models import hf
 
 MODEL_TYPE = "bert"
@@ -380,8 +380,7 @@ def length_bucket(n: int, limit: int) -> int:
     """
     if n <= _FINE_LENGTH_LIMIT:
         return min(limit, max(_MIN_LENGTH_BUCKET, -(-n // 8) * 8))
-    power = next_power_of_two(n)
-    return min(limit, 3 * power // 4 if n <= 3 * power // 4 else power)
+    return min(limit, next_power_of_two_or_three_quarters(n))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,10 +47,12 @@ _MASKED = -1e30  # additive score bias of padding keys (finite: all-padding rows
 class VisionBuckets:
     """Static sizes a batch of images is padded to; one compilation per combination in use.
 
-    Empty tuples mean "next power of two". `windows` counts the attention windows of the whole batch,
-    `images` the images (frames), `image_windows` the windows of one image (the row length of the
-    full-attention blocks is `image_windows * window_len`). `max_image_patches` is the pixel budget per image
-    in patches (`max_pixels / patch_size**2`); an image over it is refused with an error that names it.
+    `windows` counts the attention windows of the whole batch, `images` the images (frames), `image_windows`
+    the windows of one image (the row length of the full-attention blocks is `image_windows * window_len`).
+    Empty tuples mean the next power of two for `images`, and the next of 2**k and 3 * 2**k for the window
+    counts (their padding costs FLOPs in every block, quadratically in the full-attention ones).
+    `max_image_patches` is the pixel budget per image in patches (`max_pixels / patch_size**2`); an image over
+    it is refused with an error that names it.
     """
 
     windows: tuple[int, ...] = ()
@@ -230,7 +232,7 @@ def plan_vision_inputs(pixel_values: Any, image_grid_thw: Any, config: VisionCon
         offset += t * gh * gw
     unit_hw_all = np.concatenate(unit_hw, axis=0)  # [U, 2]
 
-    num_windows = bucket_size(len(windows), buckets.windows, 1, "vision windows in the batch")
+    num_windows = bucket_size(len(windows), buckets.windows, 1, "vision windows in the batch", fine=True)
     units_per_window = window_len // unit
     slot_unit = np.full((num_windows, units_per_window), -1, dtype=np.int64)
     for wi, ids in enumerate(windows):
@@ -246,7 +248,8 @@ def plan_vision_inputs(pixel_values: Any, image_grid_thw: Any, config: VisionCon
     patch_hw = np.where(window_valid[..., None], patch_hw, 0).astype(np.int32)
 
     num_images = bucket_size(len(frame_windows), buckets.images, 1, "images (frames) in the batch")
-    per_image = bucket_size(max(len(r) for r in frame_windows), buckets.image_windows, 1, "windows of one image")
+    per_image = bucket_size(max(len(r) for r in frame_windows), buckets.image_windows, 1, "windows of one image",
+                            fine=True)
     image_windows = np.zeros((num_images, per_image), dtype=np.int32)
     used = np.zeros((num_images, per_image), dtype=bool)
     window_slot = np.zeros((num_windows,), dtype=np.int32)
