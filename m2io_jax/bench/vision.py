@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from flax import nnx
 
-from m2io_jax.models import hf
 from m2io_jax.models.qwen2_5_vl import VisionConfig, VisionTower, plan_vision_inputs
 from m2io_jax.models.qwen2_5_vl_hf import vision_tensor_specs
 

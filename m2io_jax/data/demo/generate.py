@@ -469,7 +469,7 @@ def build_manual(rng: random.Random, out: str) -> _Writer:
             (f"If the {device} still does not work, contact customer service.", []),
             ("Warranty.", []),
             (f"The {title} is covered by a {warranty}-year warranty from the date of purchase.", []),
-            (f"The warranty does not cover damage caused by misuse.", []),
+            ("The warranty does not cover damage caused by misuse.", []),
         ]
         w.doc(doc_id, sentences)
         w.question(rng.choice((f"How do I assemble the {title}?", f"What are the assembly steps for the {title}?")), [doc_id], [
