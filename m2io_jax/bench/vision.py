@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from flax import nnx
 
+from m2io_jax.models import hf
 from m2io_jax.models.qwen2_5_vl import VisionConfig, VisionTower, plan_vision_inputs
 from m2io_jax.models.qwen2_5_vl_hf import vision_tensor_specs
 
@@ -55,18 +57,15 @@ def _torch_tower(seed: int):
 
 
 def _jax_tower(torch_model) -> VisionTower:
-    """Our tower holding the torch model's weights (through the checkpoint mapping used for real weights)."""
+    """Our tower holding the torch model's weights, read through the checkpoint mapping used for real weights."""
+    from safetensors.torch import save_file
+
     config = VisionConfig.from_hf(HF_VISION)
-    tower = VisionTower(config, rngs=nnx.Rngs(0))
-    weights = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
-    flat = {}
-    for spec in vision_tensor_specs(config, prefix="", path_prefix=()):
-        flat[spec.path] = spec.to_ours(weights[spec.hf_name])
-    state = nnx.state(tower, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        var.set_value(jax.numpy.asarray(flat[tuple(str(k) for k in path)]))
-    nnx.update(tower, state)
-    return tower
+    with tempfile.TemporaryDirectory() as tmp:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in torch_model.state_dict().items()}
+        save_file(tensors, os.path.join(tmp, hf.SINGLE_FILE))
+        return hf.load_model(tmp, lambda: VisionTower(config, rngs=nnx.Rngs(0)),
+                             vision_tensor_specs(config, prefix="", path_prefix=()), dtype=jax.numpy.float32, mesh=None)
 
 
 def tower_gflop(config: VisionConfig, grid: np.ndarray) -> tuple[float, float]:

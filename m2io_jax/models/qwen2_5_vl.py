@@ -23,6 +23,7 @@ positions; `mrope_positions` reproduces transformers' `get_rope_index` for image
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -33,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from m2io_jax.buckets import bucket_size
-from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, apply_rope, rms_norm
+from m2io_jax.models.qwen2 import REMAT_POLICIES, Qwen2Config, Qwen2ForCausalLM, apply_rope, rms_norm
 from m2io_jax.sharding import constrain
 
 
@@ -85,6 +86,7 @@ class VisionConfig:
     # cache traffic stay bounded for any number and size of images (16 images of 1024 patches and 4 heads
     # would otherwise hold 268 MB of scores at once). Raise it on accelerators with memory to spare.
     full_attention_block_scores: int = 1 << 22
+    remat: str = "none"  # one of m2io_jax.models.qwen2.REMAT_POLICIES: what the backward pass recomputes per block
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -97,6 +99,8 @@ class VisionConfig:
             raise ValueError(
                 f"vision_config: window_size {self.window_size} is not a multiple of "
                 f"spatial_merge_size * patch_size = {self.spatial_merge_size * self.patch_size}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"vision remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         if self.full_attention_block_scores < 1:
             raise ValueError(f"full_attention_block_scores must be positive, got {self.full_attention_block_scores}")
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
@@ -403,51 +407,74 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.A
     return jnp.moveaxis(out, 0, 2).reshape(n, h, s, d)
 
 
-class VisionBlock(nnx.Module):
-    """Pre-norm transformer block: (window or full) attention with 2-D rotary, then a SwiGLU MLP."""
+class VisionBlocks(nnx.Module):
+    """All vision blocks' weights stacked on a leading `vision_layers` axis (scanned in `VisionTower`).
 
-    def __init__(self, config: VisionConfig, *, full_attention: bool, rngs: nnx.Rngs):
-        d, h, hd, f = config.hidden_size, config.num_heads, config.head_dim, config.intermediate_size
+    Window and full-attention blocks have the same weights; which attention a block runs is a per-layer flag
+    of the scan, so the tower compiles one block body whatever its depth.
+    """
+
+    def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
+        n, d, h, hd, f = config.depth, config.hidden_size, config.num_heads, config.head_dim, config.intermediate_size
         dt = config.param_dtype
-        self.config = config
-        self.full_attention = full_attention
-        self.norm1 = _param(rngs, (d,), ("vision_norm",), dt, "ones")
-        self.norm2 = _param(rngs, (d,), ("vision_norm",), dt, "ones")
-        self.qkv = _param(rngs, (d, 3, h, hd), ("vision_embed", None, "vision_heads", "vision_head_dim"), dt)
-        self.qkv_bias = _param(rngs, (3, h, hd), (None, "vision_heads", "vision_head_dim"), dt, "zeros")
-        self.proj = _param(rngs, (h, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"), dt, fan_in=d)
-        self.proj_bias = _param(rngs, (d,), ("vision_embed",), dt, "zeros")
-        self.gate = _param(rngs, (d, f), ("vision_embed", "vision_mlp"), dt)
-        self.gate_bias = _param(rngs, (f,), ("vision_mlp",), dt, "zeros")
-        self.up = _param(rngs, (d, f), ("vision_embed", "vision_mlp"), dt)
-        self.up_bias = _param(rngs, (f,), ("vision_mlp",), dt, "zeros")
-        self.down = _param(rngs, (f, d), ("vision_mlp", "vision_embed"), dt)
-        self.down_bias = _param(rngs, (d,), ("vision_embed",), dt, "zeros")
+        layers = ("vision_layers",)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, inputs: VisionInputs) -> jax.Array:
-        """x `[W, L, D]` in the window layout; cos, sin `[W, L, head_dim]`."""
-        cfg, dt = self.config, self.config.dtype
-        h = rms_norm(x, self.norm1[...].astype(dt), cfg.rms_norm_eps)
-        qkv = jnp.einsum("wld,dshe->wlshe", h, self.qkv[...].astype(dt)) + self.qkv_bias[...].astype(dt)
-        # Rotary in float32 as transformers does, the softmax scale folded into q, then heads-major [W, H, L, hd].
-        q = apply_rope(qkv[:, :, 0].astype(jnp.float32), cos, sin) * cfg.head_dim**-0.5
-        k = apply_rope(qkv[:, :, 1].astype(jnp.float32), cos, sin)
-        q, k, v = (jnp.swapaxes(a.astype(dt), 1, 2) for a in (q, k, qkv[:, :, 2]))
-        if self.full_attention:  # windows -> one row per image -> attention -> windows
-            _, heads, length, hd = q.shape
-            rows = inputs.image_windows.shape  # (I, V)
-            q, k, v = (jnp.swapaxes(a[inputs.image_windows], 1, 2).reshape(rows[0], heads, -1, hd)
-                       for a in (q, k, v))  # [I, H, V * L, hd]
-            out = blocked_attention(q, k, v, inputs.image_valid, cfg.full_attention_block_scores)
-            out = jnp.swapaxes(out.reshape(rows[0], heads, rows[1], length, hd), 1, 2).reshape(-1, heads, length, hd)
-            out = out[inputs.window_slot]  # [W, H, L, hd]
-        else:
-            out = attention(q, k, v, inputs.window_valid)
-        x = x + jnp.einsum("whle,hed->wld", out, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
-        h = rms_norm(x, self.norm2[...].astype(dt), cfg.rms_norm_eps)
-        gate = h @ self.gate[...].astype(dt) + self.gate_bias[...].astype(dt)
-        up = h @ self.up[...].astype(dt) + self.up_bias[...].astype(dt)
-        return x + (jax.nn.silu(gate) * up) @ self.down[...].astype(dt) + self.down_bias[...].astype(dt)
+        def p(shape, axes, init="normal", fan_in=None):
+            return _param(rngs, (n, *shape), layers + axes, dt, init, fan_in)
+
+        self.norm1 = p((d,), ("vision_norm",), "ones")
+        self.norm2 = p((d,), ("vision_norm",), "ones")
+        self.qkv = p((d, 3, h, hd), ("vision_embed", None, "vision_heads", "vision_head_dim"), fan_in=d)
+        self.qkv_bias = p((3, h, hd), (None, "vision_heads", "vision_head_dim"), "zeros")
+        self.proj = p((h, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"), fan_in=d)
+        self.proj_bias = p((d,), ("vision_embed",), "zeros")
+        self.gate = p((d, f), ("vision_embed", "vision_mlp"), fan_in=d)
+        self.gate_bias = p((f,), ("vision_mlp",), "zeros")
+        self.up = p((d, f), ("vision_embed", "vision_mlp"), fan_in=d)
+        self.up_bias = p((f,), ("vision_mlp",), "zeros")
+        self.down = p((f, d), ("vision_mlp", "vision_embed"), fan_in=f)
+        self.down_bias = p((d,), ("vision_embed",), "zeros")
+
+    def stacked(self, dtype: Any) -> dict[str, jax.Array]:
+        """The stacked weights as plain arrays in the compute dtype, ready for `lax.scan`."""
+        return {name: var[...].astype(dtype) for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+def _full_attention(config: VisionConfig, q: jax.Array, k: jax.Array, v: jax.Array,
+                    inputs: VisionInputs) -> jax.Array:
+    """Attention over all patches of each image: windows -> one row per image -> attention -> windows.
+
+    q, k, v `[W, H, L, hd]` -> `[W, H, L, hd]`.
+    """
+    _, heads, length, hd = q.shape
+    images, per_image = inputs.image_windows.shape
+    q, k, v = (jnp.swapaxes(a[inputs.image_windows], 1, 2).reshape(images, heads, -1, hd)
+               for a in (q, k, v))  # [I, H, V * L, hd]
+    out = blocked_attention(q, k, v, inputs.image_valid, config.full_attention_block_scores)
+    out = jnp.swapaxes(out.reshape(images, heads, per_image, length, hd), 1, 2).reshape(-1, heads, length, hd)
+    return out[inputs.window_slot]  # [W, H, L, hd]
+
+
+def vision_block(config: VisionConfig, x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
+                 inputs: VisionInputs, full_attention: jax.Array) -> jax.Array:
+    """One pre-norm block: (window or full) attention with 2-D rotary, then a SwiGLU MLP.
+
+    x `[W, L, D]` in the window layout; w: one layer's weights; cos, sin `[W, L, head_dim]`; full_attention: a
+    boolean scalar choosing the attention (`lax.cond`: only the chosen one runs).
+    """
+    h = rms_norm(x, w["norm1"], config.rms_norm_eps)
+    qkv = jnp.einsum("wld,dshe->wlshe", h, w["qkv"]) + w["qkv_bias"]
+    # Rotary in float32 as transformers does, the softmax scale folded into q, then heads-major [W, H, L, hd].
+    q = apply_rope(qkv[:, :, 0].astype(jnp.float32), cos, sin) * config.head_dim**-0.5
+    k = apply_rope(qkv[:, :, 1].astype(jnp.float32), cos, sin)
+    q, k, v = (jnp.swapaxes(a.astype(x.dtype), 1, 2) for a in (q, k, qkv[:, :, 2]))
+    out = jax.lax.cond(full_attention, lambda: _full_attention(config, q, k, v, inputs),
+                       lambda: attention(q, k, v, inputs.window_valid))
+    x = x + jnp.einsum("whle,hed->wld", out, w["proj"]) + w["proj_bias"]
+    h = rms_norm(x, w["norm2"], config.rms_norm_eps)
+    gate = h @ w["gate"] + w["gate_bias"]
+    up = h @ w["up"] + w["up_bias"]
+    return x + (jax.nn.silu(gate) * up) @ w["down"] + w["down_bias"]
 
 
 class PatchMerger(nnx.Module):
@@ -479,8 +506,7 @@ class VisionTower(nnx.Module):
         self.config = config
         self.patch_embed = _param(rngs, (config.patch_dim, config.hidden_size), ("vision_patch", "vision_embed"),
                                   config.param_dtype)
-        full = set(config.fullatt_block_indexes)
-        self.blocks = nnx.List([VisionBlock(config, full_attention=i in full, rngs=rngs) for i in range(config.depth)])
+        self.blocks = VisionBlocks(config, rngs=rngs)
         self.merger = PatchMerger(config, rngs=rngs)
 
     def __call__(self, inputs: VisionInputs) -> jax.Array:
@@ -489,8 +515,16 @@ class VisionTower(nnx.Module):
         x = jnp.einsum("wlp,pd->wld", inputs.patches.astype(dt), self.patch_embed[...].astype(dt))
         x = constrain(x, ("batch", None, "act_embed"))  # windows spread over the data-parallel axes
         cos, sin = vision_rotary(inputs.patch_hw, cfg.head_dim)
-        for block in self.blocks:
-            x = constrain(block(x, cos, sin, inputs), ("batch", None, "act_embed"))
+        block = functools.partial(vision_block, cfg)
+        if cfg.remat != "none":
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
+
+        def step(x, layer):
+            w, full_attention = layer
+            return constrain(block(x, w, cos, sin, inputs, full_attention), ("batch", None, "act_embed")), None
+
+        x, _ = jax.lax.scan(step, x, (self.blocks.stacked(dt), jnp.asarray(full)))
         return self.merger(x)[inputs.feature_gather]
 
 

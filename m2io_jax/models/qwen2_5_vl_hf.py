@@ -28,27 +28,27 @@ def vision_tensor_specs(config: VisionConfig, *, prefix: str = "visual.",
     def spec(path: tuple[str, ...], name: str, shape, to_ours=hf.identity, to_hf=hf.identity) -> hf.TensorSpec:
         return hf.TensorSpec(path_prefix + path, prefix + name, tuple(shape), to_ours, to_hf)
 
-    specs = [spec(("patch_embed",), "patch_embed.proj.weight", conv,
-                  lambda w: w.reshape(d, -1).T, lambda w: w.T.reshape(conv))]
-    for i in range(c.depth):
-        p, n = ("blocks", str(i)), f"blocks.{i}."
-        specs += [
-            spec(p + ("norm1",), n + "norm1.weight", (d,)),
-            spec(p + ("norm2",), n + "norm2.weight", (d,)),
-            spec(p + ("qkv",), n + "attn.qkv.weight", (3 * d, d),
-                 lambda w: w.T.reshape(d, 3, h, hd), lambda w: w.reshape(d, -1).T),
-            spec(p + ("qkv_bias",), n + "attn.qkv.bias", (3 * d,),
-                 lambda b: b.reshape(3, h, hd), lambda b: b.reshape(-1)),
-            spec(p + ("proj",), n + "attn.proj.weight", (d, d),
-                 lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(-1, d).T),
-            spec(p + ("proj_bias",), n + "attn.proj.bias", (d,)),
-            spec(p + ("gate",), n + "mlp.gate_proj.weight", (f, d), hf.transpose, hf.transpose),
-            spec(p + ("gate_bias",), n + "mlp.gate_proj.bias", (f,)),
-            spec(p + ("up",), n + "mlp.up_proj.weight", (f, d), hf.transpose, hf.transpose),
-            spec(p + ("up_bias",), n + "mlp.up_proj.bias", (f,)),
-            spec(p + ("down",), n + "mlp.down_proj.weight", (d, f), hf.transpose, hf.transpose),
-            spec(p + ("down_bias",), n + "mlp.down_proj.bias", (d,)),
-        ]
+    def block(name: str, hf_name: str, shape, to_ours=hf.identity, to_hf=hf.identity) -> hf.TensorSpec:
+        """A weight of every block, stacked on our leading layer axis from `blocks.{layer}.*`."""
+        return hf.TensorSpec(path_prefix + ("blocks", name), prefix + "blocks.{layer}." + hf_name, tuple(shape),
+                             to_ours, to_hf, c.depth)
+
+    specs = [
+        spec(("patch_embed",), "patch_embed.proj.weight", conv, lambda w: w.reshape(d, -1).T,
+             lambda w: w.T.reshape(conv)),
+        block("norm1", "norm1.weight", (d,)),
+        block("norm2", "norm2.weight", (d,)),
+        block("qkv", "attn.qkv.weight", (3 * d, d), lambda w: w.T.reshape(d, 3, h, hd), lambda w: w.reshape(d, -1).T),
+        block("qkv_bias", "attn.qkv.bias", (3 * d,), lambda b: b.reshape(3, h, hd), lambda b: b.reshape(-1)),
+        block("proj", "attn.proj.weight", (d, d), hf.split_heads_out(h, hd), hf.merge_heads_out),
+        block("proj_bias", "attn.proj.bias", (d,)),
+        block("gate", "mlp.gate_proj.weight", (f, d), hf.transpose, hf.transpose),
+        block("gate_bias", "mlp.gate_proj.bias", (f,)),
+        block("up", "mlp.up_proj.weight", (f, d), hf.transpose, hf.transpose),
+        block("up_bias", "mlp.up_proj.bias", (f,)),
+        block("down", "mlp.down_proj.weight", (d, f), hf.transpose, hf.transpose),
+        block("down_bias", "mlp.down_proj.bias", (d,)),
+    ]
     specs += [
         spec(("merger", "ln_q"), "merger.ln_q.weight", (d,)),
         spec(("merger", "fc1"), "merger.mlp.0.weight", (wide, wide), hf.transpose, hf.transpose),

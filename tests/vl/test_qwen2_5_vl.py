@@ -140,3 +140,21 @@ def test_new_image_size_in_the_same_bucket_does_not_recompile(jax_model):
         pixels = np.zeros((int(grid.prod()), cfg.patch_dim), np.float32)
         encode(jax_model, vl.plan_vision_inputs(pixels, grid, cfg))
     assert len(traces) == 1
+
+
+def test_vision_tower_gradients_with_remat_equal_without(jax_model):
+    cfg = jax_model.config.vision
+    grid = np.array([[1, 12, 8], [1, 6, 4]])
+    pixels = np.random.default_rng(2).standard_normal((int(grid.prod(1).sum()), cfg.patch_dim)).astype(np.float32)
+    inputs = vl.plan_vision_inputs(pixels, grid, cfg)
+
+    def grads(remat):
+        tower = vl.VisionTower(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(1))
+        nnx.update(tower, nnx.state(jax_model.visual))
+        loss = lambda t: jnp.sum(t(inputs)[:60] ** 2)  # the 60 real features (48 + 12)
+        return nnx.grad(loss)(tower)
+
+    plain, rematted = grads("none"), grads("full")
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    assert float(jnp.abs(plain.blocks.qkv[...]).max()) > 0  # the loss reaches the scanned block weights

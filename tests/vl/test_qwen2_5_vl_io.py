@@ -25,7 +25,7 @@ def test_sharded_logits_equal_single_device(tiny_checkpoint, jax_model, two_imag
     want = np.asarray(vl.logits_from_inputs(jax_model, two_image_batch.model_inputs))
     mesh = sharding.make_mesh(mesh_shape)
     model = from_pretrained(tiny_checkpoint, mesh=mesh)
-    qkv = model.visual.blocks[0].qkv[...]
+    qkv = model.visual.blocks.qkv[...]
     assert len(qkv.sharding.device_set) == 8 and not qkv.sharding.is_fully_replicated
     with jax.set_mesh(mesh):
         got = np.asarray(vl.logits_from_inputs(model, two_image_batch.model_inputs))
