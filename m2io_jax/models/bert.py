@@ -29,7 +29,7 @@ import importlib.util
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,6 +40,7 @@ from flax import nnx
 
 from m2io_jax.buckets import next_power_of_two, next_power_of_two_or_three_quarters
 from m2io_jax.models import hf
+from m2io_jax.models.registry import override_fields
 
 MODEL_TYPE = "bert"
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -545,9 +546,11 @@ class SentenceEncoder:
 # ------------------------------------------------------------------------------- registry entry points
 
 
-def load_pretrained(path: str, config: dict[str, Any], *, dtype: Any = jnp.float32, mesh: Any = None) -> SentenceEncoder:
+def load_pretrained(path: str, config: dict[str, Any], *, dtype: Any = jnp.float32, mesh: Any = None,
+                    overrides: Mapping[str, Any] | None = None) -> SentenceEncoder:
     """Registry entry: a `SentenceEncoder` from a Hugging Face / sentence-transformers BERT directory."""
-    bert_config = BertConfig.from_hf(config, os.path.join(path, "config.json"))
+    where = os.path.join(path, "config.json")
+    bert_config = override_fields(BertConfig.from_hf(config, where), overrides, where)
     tokenizer_path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{tokenizer_path}: missing (a fast tokenizer file is required)")

@@ -8,6 +8,7 @@ mlp.gate_proj/up_proj/down_proj}, merger.{ln_q, mlp.0, mlp.2}).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from flax import nnx
 from m2io_jax.models import hf
 from m2io_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, VisionConfig
 from m2io_jax.models.qwen2_hf import text_tensor_specs
+from m2io_jax.models.registry import override_fields
 
 
 def vision_tensor_specs(config: VisionConfig, *, prefix: str = "visual.",
@@ -65,13 +67,14 @@ def tensor_specs(config: Qwen2_5_VLConfig) -> list[hf.TensorSpec]:
             + vision_tensor_specs(config.vision))
 
 
-def load_pretrained(path: str, config: dict[str, Any], *, dtype: Any = jnp.float32,
-                    mesh=None) -> Qwen2_5_VLForConditionalGeneration:
+def load_pretrained(path: str, config: dict[str, Any], *, dtype: Any = jnp.float32, mesh=None,
+                    overrides: Mapping[str, Any] | None = None) -> Qwen2_5_VLForConditionalGeneration:
     """Loads a Qwen2.5-VL checkpoint directory (see `m2io_jax.models.from_pretrained`)."""
     name = jnp.dtype(dtype).name
     if name not in ("float32", "bfloat16", "float16"):
         raise TypeError(f"{path}: cannot load parameters as dtype {name}; expected float32, bfloat16 or float16")
     cfg = Qwen2_5_VLConfig.from_hf(config, source=f"{path}/config.json", dtype=dtype)
+    cfg = override_fields(cfg, overrides, f"{path}/config.json")
     return hf.load_model(path, lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)),
                          tensor_specs(cfg), dtype=dtype, mesh=mesh)
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import nnx
 
 from m2io_jax.models import hf
 from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from m2io_jax.models.registry import override_fields
 
 
 def text_tensor_specs(
@@ -55,10 +57,12 @@ def text_tensor_specs(
     return specs
 
 
-def load_pretrained(path: str, config: dict[str, Any], *, dtype: Any = jnp.float32, mesh=None) -> Qwen2ForCausalLM:
+def load_pretrained(path: str, config: dict[str, Any], *, dtype: Any = jnp.float32, mesh=None,
+                    overrides: Mapping[str, Any] | None = None) -> Qwen2ForCausalLM:
     """Loads a Qwen2ForCausalLM checkpoint directory into `Qwen2ForCausalLM` (see `m2io_jax.models.from_pretrained`)."""
     _check_dtype(dtype, path)
     cfg = Qwen2Config.from_hf(config, source=f"{path}/config.json", dtype=dtype, param_dtype=dtype)
+    cfg = override_fields(cfg, overrides, f"{path}/config.json")
     return hf.load_model(path, lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), text_tensor_specs(cfg),
                          dtype=dtype, mesh=mesh)
 

@@ -1,15 +1,17 @@
 """One dispatch table from a checkpoint's `model_type` to the module that loads and saves it.
 
 Entries are import paths, so that loading a text encoder does not import the vision tower and vice versa.
-Each module named here provides `load_pretrained(path, config_dict, *, dtype, mesh)` and
+Each module named here provides `load_pretrained(path, config_dict, *, dtype, mesh, overrides)` and
 `save_pretrained(model, path)`, and its model classes carry a `model_type` class attribute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -49,7 +51,8 @@ def _module_for(model_type: str, where: str):
     return importlib.import_module(_MODULES[model_type])
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Any = None):
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Any = None,
+                    overrides: Mapping[str, Any] | None = None):
     """Loads the model stored in a local Hugging Face checkpoint directory.
 
     Args:
@@ -57,10 +60,33 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: 
         `model.safetensors.index.json`).
       dtype: parameter and compute dtype (float32 or bfloat16).
       mesh: a `jax.sharding.Mesh`; parameters are placed straight into their shards on it. None: one device.
+      overrides: fields of our model config that the checkpoint does not hold, by dotted name: how to run the
+        model, e.g. `{"remat": "full"}` for Qwen2, `{"text.remat": "full", "vision.remat": "full",
+        "vision.full_attention_block_scores": 1 << 28}` for Qwen2.5-VL (see `override_fields`).
     """
     config = read_config(path)
     module = _module_for(config["model_type"], os.path.join(os.fspath(path), "config.json"))
-    return module.load_pretrained(os.fspath(path), config, dtype=dtype, mesh=mesh)
+    return module.load_pretrained(os.fspath(path), config, dtype=dtype, mesh=mesh, overrides=overrides)
+
+
+def override_fields(config: Any, overrides: Mapping[str, Any] | None, where: str) -> Any:
+    """`config` (a frozen dataclass) with fields replaced; a dotted name reaches a nested config ("vision.remat").
+
+    Raises naming the key and the fields that exist when a name is not a field.
+    """
+    for key, value in (overrides or {}).items():
+        config = _replace_path(config, key.split("."), value, key, where)
+    return config
+
+
+def _replace_path(config: Any, parts: Sequence[str], value: Any, key: str, where: str) -> Any:
+    fields = [f.name for f in dataclasses.fields(config)] if dataclasses.is_dataclass(config) else []
+    if parts[0] not in fields:
+        raise KeyError(f"{where}: override {key!r}: {type(config).__name__} has no field {parts[0]!r} "
+                       f"(fields: {', '.join(fields) or 'none'})")
+    if len(parts) > 1:
+        value = _replace_path(getattr(config, parts[0]), parts[1:], value, key, where)
+    return dataclasses.replace(config, **{parts[0]: value})
 
 
 def save_pretrained(model: Any, path: str | os.PathLike) -> None:

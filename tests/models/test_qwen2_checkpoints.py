@@ -112,3 +112,14 @@ def test_tensor_of_uncastable_dtype(broken_copy):
 def test_requested_dtype_that_parameters_cannot_take(tiny_qwen2):
     with pytest.raises(TypeError, match="cannot load parameters as dtype int32"):
         models.from_pretrained(tiny_qwen2["tied_gqa"][0], dtype=jnp.int32)
+
+
+def test_overrides_set_run_fields_and_name_unknown_ones(tiny_qwen2):
+    path, _ = tiny_qwen2["tied_gqa"]
+    ids, mask, _ = left_padded_batch(TINY_QWEN2["tied_gqa"]["vocab_size"], (5, 8), seed=3)
+    plain = models.from_pretrained(path)
+    rematted = models.from_pretrained(path, overrides={"remat": "full"})
+    assert rematted.config.remat == "full" and plain.config.remat == "none"
+    np.testing.assert_allclose(np.asarray(rematted(ids, mask)), np.asarray(plain(ids, mask)), atol=1e-6)
+    with pytest.raises(KeyError, match=r"config\.json: override 'rematt': Qwen2Config has no field 'rematt' \(fields: "):
+        models.from_pretrained(path, overrides={"rematt": "full"})

@@ -143,3 +143,14 @@ def test_processor_max_pixels_follows_the_model_pixel_budget(tiny_checkpoint, ja
     assert int(batch.image_grid_thw[0, 1] * batch.image_grid_thw[0, 2]) <= 256
     with pytest.raises(ValueError, match=r"max_pixels=250000 is over the model's pixel budget 50176"):
         Qwen2_5_VLProcessor.from_pretrained(tiny_checkpoint, config=config, max_pixels=250000)
+
+
+def test_overrides_reach_the_nested_text_and_vision_configs(tiny_checkpoint):
+    model = from_pretrained(tiny_checkpoint, overrides={
+        "text.remat": "full", "vision.remat": "save_dots", "vision.full_attention_block_scores": 1 << 28,
+        "buckets": vl.VisionBuckets(windows=(8, 64))})
+    assert model.language_model.config.remat == "full"
+    assert model.visual.config.remat == "save_dots" and model.visual.config.full_attention_block_scores == 1 << 28
+    assert model.config.buckets.windows == (8, 64)
+    with pytest.raises(KeyError, match=r"override 'vision\.depht': VisionConfig has no field 'depht'"):
+        from_pretrained(tiny_checkpoint, overrides={"vision.depht": 2})
