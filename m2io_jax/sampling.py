@@ -578,21 +578,55 @@ def generate(
 def precompile(
     model: nnx.Module, *, batch_size: int, prompt_length: int, max_new_tokens: int, num_samples: int = 1,
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, num_stop_tokens: int = 0,
-    repeated: bool = False,
+    repeated: bool = False, image_grid_thw: Any | None = None,
 ) -> None:
     """Compiles (ahead of time, running nothing) the programs `generate` will use for requests of these sizes.
 
     Any later `generate` call whose prompt count, longest prompt, `max_new_tokens` and number of stop tokens fall
     in the same buckets, with the same sampling settings, compiles nothing. `repeated` compiles for
-    `generate_repeated` instead. Text models only.
+    `generate_repeated` instead. For a vision-language model, `image_grid_thw` (`[N, 3]`, the (t, h, w) grids
+    of the batch's images, as the image processor returns them) compiles the vision buckets those images fall
+    in; which prompt holds which image does not change the buckets.
     """
-    prompts = [[1] * prompt_length] * batch_size
+    if image_grid_thw is None:
+        prompts, images = [[1] * prompt_length] * batch_size, None
+    else:
+        prompts, images = _placeholder_image_prompts(model, batch_size, prompt_length, image_grid_thw)
     stops = [0] * num_stop_tokens
     clean = _validate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stops)
-    b, g = (batch_size * num_samples, 1) if repeated else (batch_size, num_samples)
-    _sample(model, [clean[0]] * b, None, np.zeros((b,), np.int32), np.zeros((b, g), np.int32),
+    images = _check_images(model, clean, images)
+    copies = num_samples if repeated else 1
+    rows = [x for x in clean for _ in range(copies)]
+    row_images = None if images is None else [x for x in images for _ in range(copies)]
+    _sample(model, rows, row_images, np.zeros((len(rows),), np.int32),
+            np.zeros((len(rows), 1 if repeated else num_samples), np.int32),
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops,
             seed=0, buckets=DEFAULT_BUCKETS, compile_only=True)
+
+
+def _placeholder_image_prompts(model: nnx.Module, batch_size: int, prompt_length: int,
+                               image_grid_thw: Any) -> tuple[list[list[int]], list[Any]]:
+    """Prompts of `prompt_length` tokens holding the images' placeholder tokens, images dealt out in turn, with
+    zero pixels: the shapes a batch of such images compiles to."""
+    if not hasattr(model, "language_model"):
+        raise ValueError(f"image_grid_thw was given but {type(model).__name__} is a text-only model")
+    from m2io_jax.models.qwen2_5_vl import num_image_tokens
+
+    config = model.config
+    grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    tokens = num_image_tokens(grid, config.vision.spatial_merge_size)
+    filler = 1 if config.image_token_id != 1 else 0
+    prompts, images = [], []
+    for i in range(batch_size):
+        mine = np.arange(i, len(grid), batch_size)
+        n = int(tokens[mine].sum())
+        if n > prompt_length:
+            raise ValueError(f"image_grid_thw: prompt {i} of {batch_size} would hold {n} image tokens (images "
+                             f"{mine.tolist()}), more than prompt_length={prompt_length}")
+        prompts.append([config.image_token_id] * n + [filler] * (prompt_length - n))
+        pixels = np.zeros((int(grid[mine].prod(axis=1).sum()), config.vision.patch_dim), np.float32)
+        images.append({"pixel_values": pixels, "image_grid_thw": grid[mine]} if len(mine) else None)
+    return prompts, images
 
 
 def generate_repeated(

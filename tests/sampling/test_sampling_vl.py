@@ -110,3 +110,22 @@ def test_vl_sharded_sampling_matches_single_device(vl_checkpoint):
     sharded = sampling.generate(sharded_model, prompts, **kwargs)
     assert sharded.tokens == single.tokens
     np.testing.assert_allclose(np.array(sharded.logprobs), np.array(single.logprobs), atol=1e-5)
+
+
+def test_vl_precompile_then_generate_compiles_nothing(vl_checkpoint):
+    path, _ = vl_checkpoint
+    model = models.from_pretrained(path)
+    _, rows = processed(path, model)
+    prompts = [r.input_ids[0].tolist() for r in rows]
+    images = [r if r.pixel_values is not None else None for r in rows]
+    grids = np.concatenate([r.image_grid_thw for r in rows if r.image_grid_thw is not None])
+    kwargs = dict(max_new_tokens=20, num_samples=2, temperature=1.0)  # a new-token bucket no other test uses
+    before = sampling.compile_count()
+    sampling.precompile(model, batch_size=len(prompts), prompt_length=max(map(len, prompts)),
+                        image_grid_thw=grids, **kwargs)
+    assert sampling.compile_count() > before  # it compiled the prefill (vision tower included) and decode
+    before = sampling.compile_count()
+    sampling.generate(model, prompts, images=images, seed=1, **kwargs)
+    assert sampling.compile_count() == before
+    with pytest.raises(ValueError, match=r"prompt 0 of 1 would hold .* image tokens .* more than prompt_length=8"):
+        sampling.precompile(model, batch_size=1, prompt_length=8, image_grid_thw=grids, **kwargs)
