@@ -46,6 +46,18 @@ def processed(path, model):
     return processor([t for t, _ in PROMPTS], images), rows
 
 
+def prompts_and_images(rows):
+    """Token lists and per-prompt processor outputs (None for a prompt without images) for `generate`."""
+    return [r.input_ids[0].tolist() for r in rows], [r if r.pixel_values is not None else None for r in rows]
+
+
+@pytest.fixture(scope="module")
+def vl_model_and_rows(vl_checkpoint):
+    path, _ = vl_checkpoint
+    model = models.from_pretrained(path)
+    return model, processed(path, model)[1]
+
+
 def test_vl_greedy_matches_transformers_generate(vl_checkpoint):
     path, reference = vl_checkpoint
     model = models.from_pretrained(path)
@@ -59,8 +71,7 @@ def test_vl_greedy_matches_transformers_generate(vl_checkpoint):
     top2 = torch.stack(out.scores, dim=1).topk(2, dim=-1).values
     gaps = (top2[..., 0] - top2[..., 1]).numpy()
 
-    prompts = [r.input_ids[0].tolist() for r in rows]
-    images = [r if r.pixel_values is not None else None for r in rows]
+    prompts, images = prompts_and_images(rows)
     ours = sampling.generate(model, prompts, max_new_tokens=16, images=images)
     for row, (mine, theirs) in enumerate(zip(ours.tokens, expected)):
         near_tie = np.flatnonzero(gaps[row] < 1e-4)
@@ -69,10 +80,8 @@ def test_vl_greedy_matches_transformers_generate(vl_checkpoint):
         assert mine[:upto] == theirs[:upto], f"row {row}"
 
 
-def test_vl_shared_prefill_equals_repeated_prompts(vl_checkpoint):
-    path, _ = vl_checkpoint
-    model = models.from_pretrained(path)
-    _, rows = processed(path, model)
+def test_vl_shared_prefill_equals_repeated_prompts(vl_model_and_rows):
+    model, rows = vl_model_and_rows
     prompts = [r.input_ids[0].tolist() for r in rows[:2]]
     images = [{"pixel_values": r.pixel_values, "image_grid_thw": r.image_grid_thw} for r in rows[:2]]
     kwargs = dict(max_new_tokens=8, num_samples=3, temperature=1.0, seed=3, images=images)
@@ -82,10 +91,8 @@ def test_vl_shared_prefill_equals_repeated_prompts(vl_checkpoint):
     np.testing.assert_allclose(np.array(shared.logprobs), np.array(repeated.logprobs), atol=1e-5)
 
 
-def test_vl_image_count_mismatch_raises_before_compiling(vl_checkpoint):
-    path, _ = vl_checkpoint
-    model = models.from_pretrained(path)
-    _, rows = processed(path, model)
+def test_vl_image_count_mismatch_raises_before_compiling(vl_model_and_rows):
+    model, rows = vl_model_and_rows
     before = sampling.compile_count()
     with pytest.raises(ValueError, match=r"prompts\[0\] holds .* image tokens"):
         sampling.generate(model, [rows[0].input_ids[0].tolist()], max_new_tokens=4, images=[rows[1]])
@@ -94,14 +101,12 @@ def test_vl_image_count_mismatch_raises_before_compiling(vl_checkpoint):
     assert sampling.compile_count() == before
 
 
-def test_vl_sharded_sampling_matches_single_device(vl_checkpoint):
+def test_vl_sharded_sampling_matches_single_device(vl_checkpoint, vl_model_and_rows):
     from m2io_jax import sharding as shd
 
     path, _ = vl_checkpoint
-    model = models.from_pretrained(path)
-    _, rows = processed(path, model)
-    prompts = [r.input_ids[0].tolist() for r in rows]
-    images = [r if r.pixel_values is not None else None for r in rows]
+    model, rows = vl_model_and_rows
+    prompts, images = prompts_and_images(rows)
     kwargs = dict(max_new_tokens=8, num_samples=2, temperature=1.0, seed=5, images=images)
     single = sampling.generate(model, prompts, **kwargs)
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -112,12 +117,9 @@ def test_vl_sharded_sampling_matches_single_device(vl_checkpoint):
     np.testing.assert_allclose(np.array(sharded.logprobs), np.array(single.logprobs), atol=1e-5)
 
 
-def test_vl_precompile_then_generate_compiles_nothing(vl_checkpoint):
-    path, _ = vl_checkpoint
-    model = models.from_pretrained(path)
-    _, rows = processed(path, model)
-    prompts = [r.input_ids[0].tolist() for r in rows]
-    images = [r if r.pixel_values is not None else None for r in rows]
+def test_vl_precompile_then_generate_compiles_nothing(vl_model_and_rows):
+    model, rows = vl_model_and_rows
+    prompts, images = prompts_and_images(rows)
     grids = np.concatenate([r.image_grid_thw for r in rows if r.image_grid_thw is not None])
     kwargs = dict(max_new_tokens=20, num_samples=2, temperature=1.0)  # a new-token bucket no other test uses
     before = sampling.compile_count()
