@@ -242,7 +242,15 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], config
     return nnx.Param(value, logical_axes=axes)
 
 
-class DecoderLayers(nnx.Module):
+class StackedLayers(nnx.Module):
+    """Weights of identical layers stacked on a leading layer axis, run by `lax.scan` over `stacked()`."""
+
+    def stacked(self, dtype: Any) -> dict[str, jax.Array]:
+        """The stacked weights as plain arrays in the compute dtype, ready for `lax.scan`."""
+        return {name: var[...].astype(dtype) for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+class DecoderLayers(StackedLayers):
     """All decoder layers' weights, stacked on a leading `layers` axis (scanned in `Qwen2ForCausalLM`)."""
 
     def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
@@ -262,10 +270,6 @@ class DecoderLayers(nnx.Module):
         self.gate_proj = p((n, d, f), ("layers", "embed", "mlp"))
         self.up_proj = p((n, d, f), ("layers", "embed", "mlp"))
         self.down_proj = p((n, f, d), ("layers", "mlp", "embed"))
-
-    def stacked(self, dtype: Any) -> dict[str, jax.Array]:
-        """The stacked weights as plain arrays in the compute dtype, ready for `lax.scan`."""
-        return {name: var[...].astype(dtype) for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
 def project_qkv(

@@ -34,7 +34,9 @@ import numpy as np
 from flax import nnx
 
 from m2io_jax.buckets import bucket_size
-from m2io_jax.models.qwen2 import REMAT_POLICIES, Qwen2Config, Qwen2ForCausalLM, apply_rope, rms_norm
+from m2io_jax.models.qwen2 import (
+    REMAT_POLICIES, Qwen2Config, Qwen2ForCausalLM, StackedLayers, apply_rope, rms_norm,
+)
 from m2io_jax.sharding import constrain
 
 
@@ -407,7 +409,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.A
     return jnp.moveaxis(out, 0, 2).reshape(n, h, s, d)
 
 
-class VisionBlocks(nnx.Module):
+class VisionBlocks(StackedLayers):
     """All vision blocks' weights stacked on a leading `vision_layers` axis (scanned in `VisionTower`).
 
     Window and full-attention blocks have the same weights; which attention a block runs is a per-layer flag
@@ -434,10 +436,6 @@ class VisionBlocks(nnx.Module):
         self.up_bias = p((f,), ("vision_mlp",), "zeros")
         self.down = p((f, d), ("vision_mlp", "vision_embed"), fan_in=f)
         self.down_bias = p((d,), ("vision_embed",), "zeros")
-
-    def stacked(self, dtype: Any) -> dict[str, jax.Array]:
-        """The stacked weights as plain arrays in the compute dtype, ready for `lax.scan`."""
-        return {name: var[...].astype(dtype) for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
 def _full_attention(config: VisionConfig, q: jax.Array, k: jax.Array, v: jax.Array,
