@@ -16,7 +16,7 @@ from flax import nnx
 
 from m2io_jax.models import hf
 from m2io_jax.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, VisionConfig
-from m2io_jax.models.qwen2_hf import text_tensor_specs
+from m2io_jax.models.qwen2_hf import check_load_dtype, text_tensor_specs
 from m2io_jax.models.registry import override_fields
 
 
@@ -70,9 +70,7 @@ def tensor_specs(config: Qwen2_5_VLConfig) -> list[hf.TensorSpec]:
 def load_pretrained(path: str, config: dict[str, Any], *, dtype: Any = jnp.float32, mesh=None,
                     overrides: Mapping[str, Any] | None = None) -> Qwen2_5_VLForConditionalGeneration:
     """Loads a Qwen2.5-VL checkpoint directory (see `m2io_jax.models.from_pretrained`)."""
-    name = jnp.dtype(dtype).name
-    if name not in ("float32", "bfloat16", "float16"):
-        raise TypeError(f"{path}: cannot load parameters as dtype {name}; expected float32, bfloat16 or float16")
+    check_load_dtype(dtype, path)
     cfg = Qwen2_5_VLConfig.from_hf(config, source=f"{path}/config.json", dtype=dtype)
     cfg = override_fields(cfg, overrides, f"{path}/config.json")
     return hf.load_model(path, lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)),

@@ -60,7 +60,7 @@ def text_tensor_specs(
 def load_pretrained(path: str, config: dict[str, Any], *, dtype: Any = jnp.float32, mesh=None,
                     overrides: Mapping[str, Any] | None = None) -> Qwen2ForCausalLM:
     """Loads a Qwen2ForCausalLM checkpoint directory into `Qwen2ForCausalLM` (see `m2io_jax.models.from_pretrained`)."""
-    _check_dtype(dtype, path)
+    check_load_dtype(dtype, path)
     cfg = Qwen2Config.from_hf(config, source=f"{path}/config.json", dtype=dtype, param_dtype=dtype)
     cfg = override_fields(cfg, overrides, f"{path}/config.json")
     return hf.load_model(path, lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), text_tensor_specs(cfg),
@@ -73,7 +73,8 @@ def save_pretrained(model: Qwen2ForCausalLM, path: str, *, max_shard_bytes: int 
     hf.save_checkpoint(model, text_tensor_specs(cfg), path, cfg.to_hf(), max_shard_bytes=max_shard_bytes)
 
 
-def _check_dtype(dtype: Any, path: str) -> None:
+def check_load_dtype(dtype: Any, path: str) -> None:
+    """Raises naming the checkpoint when parameters cannot be loaded as `dtype` (floating types only)."""
     name = jnp.dtype(dtype).name
     if name not in ("float32", "bfloat16", "float16"):
         raise TypeError(f"{path}: cannot load parameters as dtype {name}; expected float32, bfloat16 or float16")
