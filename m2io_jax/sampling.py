@@ -567,12 +567,27 @@ def generate(
     """
     clean = _validate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_tokens)
     images = _check_images(model, clean, images)
-    b = len(clean)
-    prompt_index = np.arange(b, dtype=np.int32)
-    sample_index = np.broadcast_to(np.arange(num_samples, dtype=np.int32), (b, num_samples))
-    return _sample(model, clean, images, prompt_index, sample_index, max_new_tokens=max_new_tokens,
+    return _sample(model, *_request_rows(clean, images, num_samples, repeated=False), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
                    buckets=DEFAULT_BUCKETS)
+
+
+def _request_rows(prompts: list[list[int]], images: list[Any] | None, num_samples: int, *,
+                  repeated: bool) -> tuple[list[list[int]], list[Any] | None, np.ndarray, np.ndarray]:
+    """The prefill rows of a request and their (prompt, sample) indices: one row per prompt with
+    `num_samples` samples each, or (`repeated`, the peers' way) `num_samples` rows per prompt with one sample.
+
+    Returns rows, their images (or None), prompt_index `[R]` and sample_index `[R, G]`.
+    """
+    b = len(prompts)
+    if not repeated:
+        sample_index = np.broadcast_to(np.arange(num_samples, dtype=np.int32), (b, num_samples))
+        return prompts, images, np.arange(b, dtype=np.int32), sample_index
+    rows = [x for x in prompts for _ in range(num_samples)]
+    row_images = None if images is None else [x for x in images for _ in range(num_samples)]
+    prompt_index = np.repeat(np.arange(b, dtype=np.int32), num_samples)
+    sample_index = np.tile(np.arange(num_samples, dtype=np.int32), b)[:, None]
+    return rows, row_images, prompt_index, sample_index
 
 
 def precompile(
@@ -595,13 +610,9 @@ def precompile(
     stops = [0] * num_stop_tokens
     clean = _validate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stops)
     images = _check_images(model, clean, images)
-    copies = num_samples if repeated else 1
-    rows = [x for x in clean for _ in range(copies)]
-    row_images = None if images is None else [x for x in images for _ in range(copies)]
-    _sample(model, rows, row_images, np.zeros((len(rows),), np.int32),
-            np.zeros((len(rows), 1 if repeated else num_samples), np.int32),
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops,
-            seed=0, buckets=DEFAULT_BUCKETS, compile_only=True)
+    _sample(model, *_request_rows(clean, images, num_samples, repeated=repeated), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops, seed=0, buckets=DEFAULT_BUCKETS,
+            compile_only=True)
 
 
 def _placeholder_image_prompts(model: nnx.Module, batch_size: int, prompt_length: int,
@@ -642,10 +653,6 @@ def generate_repeated(
     """
     clean = _validate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_tokens)
     images = _check_images(model, clean, images)
-    repeated = [x for x in clean for _ in range(num_samples)]
-    repeated_images = None if images is None else [x for x in images for _ in range(num_samples)]
-    prompt_index = np.repeat(np.arange(len(clean), dtype=np.int32), num_samples)
-    sample_index = np.tile(np.arange(num_samples, dtype=np.int32), len(clean))[:, None]
-    return _sample(model, repeated, repeated_images, prompt_index, sample_index, max_new_tokens=max_new_tokens,
+    return _sample(model, *_request_rows(clean, images, num_samples, repeated=True), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
                    buckets=DEFAULT_BUCKETS)
