@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,6 +42,13 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def with_remat(layer: Callable[..., Any], remat: str) -> Callable[..., Any]:
+    """`layer` wrapped in `jax.checkpoint` with the policy named `remat` (unchanged for "none")."""
+    if remat == "none":
+        return layer
+    return jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -360,9 +368,7 @@ class Qwen2ForCausalLM(nnx.Module):
         segment_ids = segment_ids.astype(jnp.int32)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
         weights = self.layers.stacked(c.dtype)
-        layer = functools.partial(decoder_layer, c)
-        if c.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+        layer = with_remat(functools.partial(decoder_layer, c), c.remat)
         x = inputs_embeds.astype(c.dtype)
 
         if cache is None:

@@ -35,7 +35,7 @@ from flax import nnx
 
 from m2io_jax.buckets import bucket_size
 from m2io_jax.models.qwen2 import (
-    REMAT_POLICIES, Qwen2Config, Qwen2ForCausalLM, StackedLayers, apply_rope, rms_norm,
+    REMAT_POLICIES, Qwen2Config, Qwen2ForCausalLM, StackedLayers, apply_rope, rms_norm, with_remat,
 )
 from m2io_jax.sharding import constrain
 
@@ -513,9 +513,7 @@ class VisionTower(nnx.Module):
         x = jnp.einsum("wlp,pd->wld", inputs.patches.astype(dt), self.patch_embed[...].astype(dt))
         x = constrain(x, ("batch", None, "act_embed"))  # windows spread over the data-parallel axes
         cos, sin = vision_rotary(inputs.patch_hw, cfg.head_dim)
-        block = functools.partial(vision_block, cfg)
-        if cfg.remat != "none":
-            block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        block = with_remat(functools.partial(vision_block, cfg), cfg.remat)
         full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
 
         def step(x, layer):
