@@ -37,7 +37,6 @@ DEFAULT_RULES: Rules = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
-    ("act_vocab", "tensor"),
     ("cache_length", None),
     # Language-model parameters.
     ("vocab", "tensor"),
@@ -61,7 +60,6 @@ DEFAULT_RULES: Rules = (
     ("encoder_embed", None),
     ("encoder_mlp", None),
     ("encoder_heads", None),
-    ("encoder_layers", None),
 )
 
 _RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("m2io_jax_sharding_rules", default=DEFAULT_RULES)

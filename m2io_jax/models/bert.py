@@ -40,7 +40,7 @@ from flax import nnx
 
 from m2io_jax.buckets import next_power_of_two, next_power_of_two_or_three_quarters
 from m2io_jax.models import hf
-from m2io_jax.models.registry import override_fields
+from m2io_jax.models.overrides import override_fields
 
 MODEL_TYPE = "bert"
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

@@ -13,7 +13,7 @@ from flax import nnx
 
 from m2io_jax.models import hf
 from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
-from m2io_jax.models.registry import override_fields
+from m2io_jax.models.overrides import override_fields
 
 
 def text_tensor_specs(

@@ -7,11 +7,10 @@ Each module named here provides `load_pretrained(path, config_dict, *, dtype, me
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -62,31 +61,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: 
       mesh: a `jax.sharding.Mesh`; parameters are placed straight into their shards on it. None: one device.
       overrides: fields of our model config that the checkpoint does not hold, by dotted name: how to run the
         model, e.g. `{"remat": "full"}` for Qwen2, `{"text.remat": "full", "vision.remat": "full",
-        "vision.full_attention_block_scores": 1 << 28}` for Qwen2.5-VL (see `override_fields`).
+        "vision.full_attention_block_scores": 1 << 28}` for Qwen2.5-VL (see `m2io_jax.models.overrides.override_fields`).
     """
     config = read_config(path)
     module = _module_for(config["model_type"], os.path.join(os.fspath(path), "config.json"))
     return module.load_pretrained(os.fspath(path), config, dtype=dtype, mesh=mesh, overrides=overrides)
-
-
-def override_fields(config: Any, overrides: Mapping[str, Any] | None, where: str) -> Any:
-    """`config` (a frozen dataclass) with fields replaced; a dotted name reaches a nested config ("vision.remat").
-
-    Raises naming the key and the fields that exist when a name is not a field.
-    """
-    for key, value in (overrides or {}).items():
-        config = _replace_path(config, key.split("."), value, key, where)
-    return config
-
-
-def _replace_path(config: Any, parts: Sequence[str], value: Any, key: str, where: str) -> Any:
-    fields = [f.name for f in dataclasses.fields(config)] if dataclasses.is_dataclass(config) else []
-    if parts[0] not in fields:
-        raise KeyError(f"{where}: override {key!r}: {type(config).__name__} has no field {parts[0]!r} "
-                       f"(fields: {', '.join(fields) or 'none'})")
-    if len(parts) > 1:
-        value = _replace_path(getattr(config, parts[0]), parts[1:], value, key, where)
-    return dataclasses.replace(config, **{parts[0]: value})
 
 
 def save_pretrained(model: Any, path: str | os.PathLike) -> None:
