@@ -172,6 +172,20 @@ def documents_file(root: str, name: str) -> str | None:
     return find_file(root, [f"doc_{name}.jsonl", os.path.join(name, f"doc_{name}.jsonl")])
 
 
+def dataset_names(root: str) -> list[str]:
+    """Names of the datasets whose documents file (`doc_{name}.jsonl`, at `root` or under `{name}/`) is in `root`."""
+    if not os.path.isdir(root):
+        return []
+    names = set()
+    for entry in os.listdir(root):
+        match = re.fullmatch(r"doc_(\w+)\.jsonl", entry)
+        if match:
+            names.add(match.group(1))
+        elif os.path.isfile(os.path.join(root, entry, f"doc_{entry}.jsonl")):
+            names.add(entry)
+    return sorted(names)
+
+
 def questions_file(root: str, name: str) -> str | None:
     return find_file(root, [f"{name}_mqa.jsonl", os.path.join(name, f"{name}_mqa.jsonl")])
 
@@ -446,7 +460,8 @@ def load_dataset(root: str, name: str, *, strict: bool = False, check_images: bo
     if missing:
         raise FileNotFoundError(
             f"{root}: dataset {name!r} is missing {missing}; expected doc_{name}.jsonl, {name}_mqa.jsonl and "
-            f"images_info/{name}_imgs_collection.json (or IMAGE/IMAGE/images_info/...) in the MRAMG-Bench layout"
+            f"images_info/{name}_imgs_collection.json (or IMAGE/IMAGE/images_info/...) in the MRAMG-Bench layout; "
+            f"datasets found there: {', '.join(dataset_names(root)) or 'none'}"
         )
     report.files = dict(paths)  # type: ignore[arg-type]
     documents, doc_lines = _read_documents(paths["documents"], name, problems)

@@ -5,6 +5,8 @@ Rule:
      component is a set of documents together with every question citing any of them. No document is
      cited by questions of two splits.
   2. Each component gets the key `sha256("{salt}:{dataset}:{smallest document id}")`.
+  The fractions and the salt form a `SplitRule`; its defaults are the `split` section of
+  `m2io_jax.data.config` (`SplitRule.default()`).
   3. Components are visited in key order; each is put in `test` until test holds at least its fraction of
      the questions, then in `validation` likewise, and every remaining component in `train`; the last
      component goes to `train` if train would otherwise be empty.
@@ -19,18 +21,35 @@ import dataclasses
 import hashlib
 from typing import Sequence
 
+import ml_collections
+
+from m2io_jax.data import config as config_lib
+
 SPLITS = ("train", "validation", "test")
 UNASSIGNED = "none"
 
 
 @dataclasses.dataclass(frozen=True)
-class SplitFractions:
-    validation: float = 0.1
-    test: float = 0.1
+class SplitRule:
+    """Target fractions of questions in validation and test (train gets the rest), and the hash salt."""
+
+    validation: float
+    test: float
+    salt: str
 
     def __post_init__(self):
         if self.validation < 0 or self.test < 0 or self.validation + self.test > 1:
             raise ValueError(f"split fractions validation={self.validation}, test={self.test}: need >= 0 and sum <= 1")
+
+    @classmethod
+    def from_config(cls, split: ml_collections.ConfigDict) -> "SplitRule":
+        """The rule of a `split` config section (fields validation, test, salt)."""
+        return cls(validation=split.validation, test=split.test, salt=split.salt)
+
+    @classmethod
+    def default(cls) -> "SplitRule":
+        """The rule of the package's default config (`m2io_jax.data.config`)."""
+        return cls.from_config(config_lib.get_config().split)
 
 
 class _UnionFind:
@@ -53,8 +72,7 @@ class _UnionFind:
 def assign_splits(
     dataset: str,
     question_provenance: Sequence[tuple[str, Sequence[str]]],
-    fractions: SplitFractions = SplitFractions(),
-    salt: str = "m2io",
+    rule: SplitRule | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Assigns questions and the documents they cite to splits.
 
@@ -62,12 +80,12 @@ def assign_splits(
       dataset: dataset name (part of the hash key, so datasets split independently).
       question_provenance: (question id, provenance document ids) pairs. A question with no provenance forms
         its own component keyed by its id.
-      fractions: target fractions of questions in validation and test; train gets the rest.
-      salt: changes the whole assignment when changed.
+      rule: fractions and salt (None = `SplitRule.default()`); a new salt changes the whole assignment.
 
     Returns:
       (question id -> split, document id -> split) for every question and every cited document.
     """
+    rule = rule or SplitRule.default()
     uf = _UnionFind()
     for qid, provenance in question_provenance:
         nodes = [f"d:{d}" for d in provenance] or [f"q:{qid}"]
@@ -79,10 +97,10 @@ def assign_splits(
         root = uf.find(f"d:{provenance[0]}" if provenance else f"q:{qid}")
         components.setdefault(root, []).append(qid)
     total = len(question_provenance)
-    targets = (("test", fractions.test * total), ("validation", fractions.validation * total))
+    targets = (("test", rule.test * total), ("validation", rule.validation * total))
 
     def key(root: str) -> str:
-        return hashlib.sha256(f"{salt}:{dataset}:{root}".encode()).hexdigest()
+        return hashlib.sha256(f"{rule.salt}:{dataset}:{root}".encode()).hexdigest()
 
     question_split: dict[str, str] = {}
     component_split: dict[str, str] = {}

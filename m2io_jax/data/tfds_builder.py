@@ -11,8 +11,14 @@ Configs, two per dataset (`{name}` in `mramg.DATASETS` + `demo.DEMO_DATASETS`):
 
 Build (no network; the MRAMG files must be downloaded by hand, see MANUAL_DOWNLOAD_INSTRUCTIONS):
 
-    tfds_builder.prepare("recipe_qa", data_dir=OUT, manual_dir=MRAMG_DIR)   # or: python -m m2io_jax.data.tfds_builder
+    tfds_builder.prepare("recipe_qa", data_dir=OUT, manual_dir=MRAMG_DIR)
     source = tfds.data_source("mramg/recipe_qa", data_dir=OUT, split="train")
+
+or from the command line (`--builder_config` names a TFDS builder config, as `tfds build --config` does; it
+is repeatable):
+
+    python -m m2io_jax.data.tfds_builder --builder_config=recipe_qa --builder_config=recipe_corpus \
+        --data_dir=OUT --manual_dir=MRAMG_DIR
 
 Demo configs read the embedded demo corpus and need no manual directory. Images are stored encoded
 (JPEG/PNG bytes as found, or re-encoded to RGB PNG when the file is another format or mode), which is what
@@ -24,10 +30,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
+from m2io_jax import cli
 from m2io_jax.data import mramg
 from m2io_jax.data import splits as splits_lib
 from m2io_jax.data.demo import DEMO_DATASETS, demo_root
@@ -36,9 +45,13 @@ KINDS = ("qa", "corpus")
 
 
 class MramgConfig(tfds.core.BuilderConfig):
-    """One dataset, as questions (`qa`) or documents (`corpus`), with the split fractions to apply."""
+    """One dataset, as questions (`qa`) or documents (`corpus`), with the split rule to apply.
 
-    def __init__(self, *, dataset: str, kind: str, validation: float = 0.1, test: float = 0.1, salt: str = "m2io", **kwargs):
+    `rule` defaults to `SplitRule.default()`, the package config's `split` section; a config built with another
+    rule needs its own `name`, since TFDS keeps one build per name and version.
+    """
+
+    def __init__(self, *, dataset: str, kind: str, rule: splits_lib.SplitRule | None = None, **kwargs):
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
         kwargs.setdefault("name", f"{dataset}_{kind}")
@@ -46,8 +59,7 @@ class MramgConfig(tfds.core.BuilderConfig):
         super().__init__(**kwargs)
         self.dataset = dataset
         self.kind = kind
-        self.fractions = splits_lib.SplitFractions(validation=validation, test=test)
-        self.salt = salt
+        self.rule = rule or splits_lib.SplitRule.default()
 
 
 class Mramg(tfds.core.GeneratorBasedBuilder):
@@ -105,7 +117,7 @@ class Mramg(tfds.core.GeneratorBasedBuilder):
         if ds.report.problems:
             logging.warning("%s", ds.report.summary())
         question_split, doc_split = splits_lib.assign_splits(
-            config.dataset, [(q.id, q.provenance) for q in ds.questions], config.fractions, config.salt
+            config.dataset, [(q.id, q.provenance) for q in ds.questions], config.rule
         )
         if config.kind == "qa":
             present = [s for s in splits_lib.SPLITS if s in question_split.values()]
@@ -182,18 +194,25 @@ def prepare(config: str | MramgConfig, *, data_dir: str, manual_dir: str | None 
     return builder
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse  # pylint: disable=g-import-not-at-top
+_BUILDER_CONFIGS = flags.DEFINE_multi_string(
+    "builder_config", None, "TFDS builder config to build, e.g. demo_web_qa or recipe_corpus; repeatable",
+    required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory to write", required=True)
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "MRAMG-Bench download directory (not needed for demo_*)")
 
-    parser = argparse.ArgumentParser(description="Build MRAMG / demo TFDS configs as array_record.")
-    parser.add_argument("--config", action="append", required=True, help=f"config name, e.g. demo_web_qa; repeatable ({len(Mramg.BUILDER_CONFIGS)} available)")
-    parser.add_argument("--data_dir", required=True, help="TFDS data directory to write")
-    parser.add_argument("--manual_dir", default=None, help="MRAMG-Bench download directory (not needed for demo_*)")
-    args = parser.parse_args(argv)
-    for name in args.config:
-        builder = prepare(name, data_dir=args.data_dir, manual_dir=args.manual_dir)
+
+def main(argv: Sequence[str]) -> None:
+    cli.no_positional_arguments(argv)
+    configs = {c.name: c for c in Mramg.BUILDER_CONFIGS}
+    for name in _BUILDER_CONFIGS.value:
+        if name not in configs:
+            raise cli.UserError(f"--builder_config={name}: unknown builder config; expected one of {sorted(configs)}")
+        if configs[name].dataset not in DEMO_DATASETS and not _MANUAL_DIR.value:
+            raise cli.UserError(f"--builder_config={name}: needs --manual_dir (the MRAMG-Bench download)")
+    for name in _BUILDER_CONFIGS.value:
+        builder = prepare(name, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value)
         print(name, {split: info.num_examples for split, info in builder.info.splits.items()})
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

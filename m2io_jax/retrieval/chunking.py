@@ -3,7 +3,8 @@
 A document's text is split into sentences (`m2io_jax.data.sentences`); each `<PIC>` stays attached to the
 sentence it follows. Sentences are packed greedily into chunks of at most `max_tokens` tokens, a chunk's
 length being the sum of its sentences' `length_fn` (the retrieval encoder's tokenizer in practice); a single
-sentence longer than that is cut on word boundaries. Each chunk keeps its `<PIC>` markers and the image names they stand for, in order, so the
+sentence longer than that is cut on word boundaries (`max_tokens` comes from the data config,
+`chunk.max_tokens`). Each chunk keeps its `<PIC>` markers and the image names they stand for, in order, so the
 k-th `<PIC>` in `Chunk.text` is `Chunk.images[k]`. Markers beyond a document's `images_list` (a mismatch the
 reader reports) are dropped from the chunk text.
 """
@@ -47,6 +48,15 @@ class Chunk:
         return sentences_lib.locate_markers(self.text, sentences_lib.PIC_RE).text
 
 
+def distinct_images(chunks: Iterable[Chunk]) -> list[str]:
+    """Distinct image names of `chunks`, in order of first appearance (the candidate images of a retrieval)."""
+    seen: dict[str, None] = {}
+    for chunk in chunks:
+        for name in chunk.images:
+            seen.setdefault(name, None)
+    return list(seen)
+
+
 def _sentence_units(content: str, images: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
     """(sentence text with its trailing `<PIC>` markers, image names) for each sentence of `content`."""
     marked = sentences_lib.locate_markers(content, sentences_lib.PIC_RE)
@@ -80,7 +90,7 @@ def _split_long(text: str, names: tuple[str, ...], max_tokens: int, length_fn: L
     return out
 
 
-def chunk_document(doc: mramg.Document, *, max_tokens: int = 256, length_fn: LengthFn = estimate_tokens) -> list[Chunk]:
+def chunk_document(doc: mramg.Document, *, max_tokens: int, length_fn: LengthFn = estimate_tokens) -> list[Chunk]:
     """Splits one document into chunks of at most `max_tokens` tokens (a lone long sentence is cut)."""
     if max_tokens < 8:
         raise ValueError(f"max_tokens={max_tokens}: expected at least 8")
@@ -114,7 +124,7 @@ def chunk_document(doc: mramg.Document, *, max_tokens: int = 256, length_fn: Len
 
 
 def chunk_documents(
-    documents: Iterable[mramg.Document], *, max_tokens: int = 256, length_fn: LengthFn = estimate_tokens
+    documents: Iterable[mramg.Document], *, max_tokens: int, length_fn: LengthFn = estimate_tokens
 ) -> list[Chunk]:
     """Chunks every document, in iteration order."""
     return [c for doc in documents for c in chunk_document(doc, max_tokens=max_tokens, length_fn=length_fn)]

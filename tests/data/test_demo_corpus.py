@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from m2io_jax.data import mramg
-from m2io_jax.data.demo import CORPUS_DIR, DEMO_DATASETS, generate
+from m2io_jax.data.demo import CORPUS_DIR, DEMO_DATASETS, build
 
 
 def _files(root):
@@ -26,8 +26,8 @@ def _digest(path):
 
 def test_regeneration_is_deterministic_and_matches_committed(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    generate.generate(a)
-    generate.generate(b)
+    build.generate(a)
+    build.generate(b)
     files_a, files_b, committed = _files(a), _files(b), _files(CORPUS_DIR)
     assert files_a.keys() == files_b.keys() == committed.keys()
     for rel, path in files_a.items():

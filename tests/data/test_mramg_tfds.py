@@ -45,7 +45,8 @@ def test_fixture_builds_and_reads_back(tmp_path, mramg_root):
 
 
 def test_split_fractions_configurable(tmp_path, mramg_root):
-    config = tfds_builder.MramgConfig(dataset="wit", kind="qa", name="wit_qa_half", validation=0.0, test=0.5)
+    rule = splits_lib.SplitRule(validation=0.0, test=0.5, salt="m2io")
+    config = tfds_builder.MramgConfig(dataset="wit", kind="qa", name="wit_qa_half", rule=rule)
     builder = tfds_builder.prepare(config, data_dir=str(tmp_path / "tfds"), manual_dir=mramg_root)
     assert builder.info.splits["test"].num_examples == 2
     assert builder.info.splits["train"].num_examples == 2

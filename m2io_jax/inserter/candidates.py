@@ -4,7 +4,7 @@ Retrieved chunks, in rank order, become `[context_i] text`, each `<PIC>` replace
 question's distinct images in order of first appearance (1-based). Captions follow as
 `[img{N}_caption] {caption}`, one per candidate, in id order. The gold `images_list` maps to the same ids.
 
-Two knobs (see `m2io_jax.data.config`):
+Two knobs, the `candidates` section of the data config (`m2io_jax.data.config`; `candidates_for_split` reads it):
   max_images: candidates beyond the first `max_images` are dropped (their markers leave the context):
     Manual documents average 65 images.
   missed gold: gold images absent from the retrieved chunks can be brought in by adding a chunk that holds
@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
+
+import ml_collections
 
 from m2io_jax.data import mramg
 from m2io_jax.data import sentences as sentences_lib
-from m2io_jax.retrieval.chunking import Chunk
+from m2io_jax.retrieval.chunking import Chunk, distinct_images
 
 MISSED_GOLD_POLICIES = ("train", "never", "always")
 
@@ -74,23 +76,6 @@ class Candidates:
         return {name: tag for tag, name in self.image_map.items()}
 
 
-def retrieved_images(chunks: Iterable[Chunk]) -> list[str]:
-    """Distinct image names of `chunks`, in order of first appearance."""
-    seen: dict[str, None] = {}
-    for chunk in chunks:
-        for name in chunk.images:
-            seen.setdefault(name, None)
-    return list(seen)
-
-
-def visual_recall(gold: Sequence[str], chunks: Iterable[Chunk]) -> float | None:
-    """Share of distinct gold images present in `chunks`; None when there is no gold image."""
-    gold_set = set(gold)
-    if not gold_set:
-        return None
-    return len(gold_set & set(retrieved_images(chunks))) / len(gold_set)
-
-
 def _slot(question_id: str, n: int) -> int:
     return int(hashlib.sha256(question_id.encode()).hexdigest(), 16) % (n + 1)
 
@@ -121,14 +106,14 @@ def build_candidates(
     gold = list(dict.fromkeys(question.images))
     added: list[str] = []
     if add_gold:
-        present = set(retrieved_images(chunks))
+        present = set(distinct_images(chunks))
         for chunk in extra_chunks:
             brings = [g for g in gold if g in chunk.images and g not in present]
             if brings:
                 chunks.insert(_slot(question.id, len(chunks)), chunk)
                 present.update(chunk.images)
                 added.extend(brings)
-    order = retrieved_images(chunks)
+    order = distinct_images(chunks)
     if len(order) > max_images:
         if add_gold:
             gold_set = set(gold)
@@ -152,6 +137,26 @@ def build_candidates(
         gold=tuple(tags[g] for g in question.images if g in tags),
         gold_missing=tuple(g for g in gold if g not in tags),
         added_gold=tuple(added),
+    )
+
+
+def candidates_for_split(
+    question: mramg.Question,
+    retrieved: Sequence[Chunk],
+    images: Mapping[str, mramg.ImageInfo],
+    *,
+    split: str,
+    settings: ml_collections.ConfigDict,
+    extra_chunks: Sequence[Chunk] = (),
+) -> Candidates:
+    """`build_candidates` for an example of `split`, with the `candidates` section of the data config.
+
+    `settings.max_images` caps the candidates; `settings.missed_gold` decides, with `split`, whether
+    `extra_chunks` may bring in gold images that retrieval missed (`add_missed_gold`).
+    """
+    return build_candidates(
+        question, retrieved, images, max_images=settings.max_images, extra_chunks=extra_chunks,
+        add_gold=add_missed_gold(settings.missed_gold, split),
     )
 
 

@@ -10,9 +10,11 @@ import zlib
 import numpy as np
 import pytest
 
-from m2io_jax.data import mramg, prompts
+from m2io_jax.data import config as data_config
+from m2io_jax.data import mramg
 from m2io_jax.data.demo import demo_root
-from m2io_jax.retrieval import recall
+from m2io_jax.inserter import candidates
+from m2io_jax.retrieval import chunking, recall
 from m2io_jax.retrieval import retriever as retriever_lib
 
 
@@ -41,11 +43,19 @@ def test_retriever_end_to_end_on_demo_recipe():
     q = next(q for q in ds.questions if len(q.images) == 4)
     hits = retriever.search([q.question], 10)[0]
     assert len(hits) == 10 and hits[0].score >= hits[-1].score
-    cands = prompts.build_candidates(
-        q, [h.chunk for h in hits], ds.images, max_images=20,
-        extra_chunks=retriever_lib.gold_chunks(q, retriever), add_gold=True)
+    cands = candidates.candidates_for_split(
+        q, [h.chunk for h in hits], ds.images, split="train", settings=data_config.get_config().candidates,
+        extra_chunks=retriever_lib.gold_chunks(q, retriever))
     assert len(cands.gold) == 4 and set(cands.image_map.values()) >= set(q.images)
-    assert re.fullmatch(r"[^<]*(<img\d+>[^<]*){4}", prompts.render_gold(q, cands))
+    assert re.fullmatch(r"[^<]*(<img\d+>[^<]*){4}", candidates.render_gold(q, cands))
+
+
+def test_visual_recall():
+    c1 = chunking.Chunk("d1", 0, "Alpha.<PIC> Beta.<PIC>", ("b", "a"), "x")
+    c2 = chunking.Chunk("d2", 0, "Gamma.<PIC>", ("c",), "x")
+    assert recall.visual_recall(["a", "d"], [c1, c2]) == 0.5
+    assert recall.visual_recall(["a", "a", "c"], [c1, c2]) == 1.0
+    assert recall.visual_recall([], [c1]) is None
 
 
 def test_length_fn_from_encoder_tokenizer():
@@ -63,7 +73,7 @@ def test_minilm_scann_visual_recall_at_10_on_demo():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for name in ("demo_web", "demo_recipe", "demo_manual"):
         out = subprocess.run(
-            [sys.executable, "-m", "m2io_jax.retrieval.recall", f"--dataset={name}", "--k=10"],
+            [sys.executable, "-m", "m2io_jax.retrieval.recall", f"--dataset={name}", "--config.retrieval.top_k=10"],
             capture_output=True, text=True, check=True, env=env, timeout=600)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["dataset"] == name and result["k"] == 10
