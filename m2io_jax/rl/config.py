@@ -1,0 +1,67 @@
+"""Default configs of the RL package: the GRPO objective and the optimizer, as ml_collections ConfigDicts.
+
+GRPO fields (TRL's GRPOConfig names; read by `m2io_jax.rl.grpo.grpo_advantages` and `grpo_loss`):
+  num_generations: completions sampled per prompt (G).
+  advantage_estimator: "grpo", "dr_grpo" or "rloo" (`grpo.ADVANTAGE_ESTIMATORS`).
+  scale_rewards: "group", "batch" or "none" (`grpo.REWARD_SCALES`); the stds are unbiased (ddof=1).
+  std_epsilon: added to the reward std (TRL: 1e-4), so tied groups get advantage 0.
+  beta: weight of the k3 KL to the reference; 0 (TRL's default) needs no reference model.
+  epsilon / epsilon_high: clip range [1 - epsilon, 1 + epsilon_high]; epsilon_high None means epsilon.
+  loss_type: "grpo", "dapo", "token_mean" or "dr_grpo" (`grpo.LOSS_AGGREGATIONS`).
+  max_completion_length: the completion budget in tokens, the constant of "dr_grpo" (set by the trainer's
+    config; None is only valid for the other loss types).
+  mask_truncated_completions: completions that hit the budget get zero loss weight (they keep their reward
+    and their place in the group baseline, as in TRL).
+  num_iterations: updates per rollout; 1 takes old log-probs as stop_gradient(log-probs), no separate pass.
+
+Optimizer fields (read by `m2io_jax.rl.optimizer.build_optimizer`):
+  learning_rate: peak learning rate, reached after `warmup_steps` of linear warmup from 0.
+  warmup_steps, total_steps: the cosine decays from the peak at `warmup_steps` to the floor at `total_steps`
+    (then stays there).
+  min_learning_rate_ratio: the floor as a fraction of the peak.
+  b1, b2, eps, weight_decay: AdamW (decoupled decay, scaled by the learning rate and its multiplier).
+  max_grad_norm: global-norm clipping over the trainable parameters; 0 disables it.
+  param_rules: ((regex, rule), ...) matched in order with re.fullmatch against the "/"-joined parameter path
+    (e.g. "visual/blocks/qkv"); the first match wins. rule is "frozen" (or 0.0: no update, no optimizer
+    state) or a positive learning-rate multiplier. Unmatched parameters train at the full rate.
+  param_dtype / compute_dtype: master weights and optimizer state in `param_dtype`; the loss casts floating
+    parameters to `compute_dtype` (`optimizer.cast_floating`), e.g. float32 master with bfloat16 compute.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_grpo_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.num_generations = 8
+    c.advantage_estimator = "grpo"
+    c.scale_rewards = "group"
+    c.std_epsilon = 1e-4
+    c.beta = 0.0
+    c.epsilon = 0.2
+    c.epsilon_high = config_dict.placeholder(float)
+    c.loss_type = "grpo"
+    c.max_completion_length = config_dict.placeholder(int)
+    c.mask_truncated_completions = False
+    c.num_iterations = 1
+    return c
+
+
+def get_optimizer_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.learning_rate = 1e-6
+    c.warmup_steps = 10
+    c.total_steps = 1000
+    c.min_learning_rate_ratio = 0.1
+    c.b1 = 0.9
+    c.b2 = 0.99
+    c.eps = 1e-8
+    c.weight_decay = 0.0
+    c.max_grad_norm = 1.0
+    c.param_rules = ()
+    c.param_dtype = "float32"
+    c.compute_dtype = "bfloat16"
+    return c
