@@ -26,8 +26,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
+from m2io_jax import cli
 from m2io_jax.data import mramg
 from m2io_jax.eval import metrics
 from m2io_jax.eval.predictions import Prediction, read_predictions
@@ -95,13 +96,12 @@ def evaluate(
         {d for d, _ in predictions}, key=lambda d: (mramg.DATASETS.index(d) if d in mramg.DATASETS else len(mramg.DATASETS), d)
     )
     if not names:
-        raise ValueError(f"{predictions_path}: no predictions and no --datasets given: nothing to score")
+        raise cli.UserError(f"{predictions_path}: no predictions and no --datasets given: nothing to score")
     encoder = None
     if bertscore:
-        from m2io_jax import models  # noqa: PLC0415  (loading the encoder costs seconds; skip it when not asked)
-        from m2io_jax.models import bert  # noqa: PLC0415
+        from m2io_jax.models.sentence_encoder import load_encoder  # noqa: PLC0415  (costs seconds; only when asked)
 
-        encoder = models.from_pretrained(encoder_path or bert.default_encoder_path())
+        encoder = load_encoder(encoder_path)
     results = []
     for name in names:
         dataset = mramg.load_dataset(data_root, name, strict=False, check_images=False)
@@ -155,8 +155,8 @@ _LAYER = flags.DEFINE_integer("bertscore_layer", None, "encoder layer for BERTSc
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_positional_arguments(argv)
+    cli.require(_PREDICTIONS, _DATA)
     settings = {
         "predictions": os.path.abspath(_PREDICTIONS.value),
         "data": os.path.abspath(_DATA.value),
@@ -177,5 +177,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["predictions", "data"])
-    app.run(main)
+    cli.run(main)

@@ -1,8 +1,8 @@
-"""Static-shape buckets: powers of two and configured sizes."""
+"""Static-shape buckets: powers of two, configured sizes and the encoders' text lengths."""
 
 import pytest
 
-from m2io_jax.buckets import bucket_size, next_power_of_two, next_power_of_two_or_three_quarters
+from m2io_jax.buckets import bucket_size, next_power_of_two, next_power_of_two_or_three_quarters, text_length_bucket
 
 
 def test_next_power_of_two():
@@ -33,3 +33,11 @@ def test_configured_choices():
 def test_over_the_largest_choice_names_what_and_the_buckets():
     with pytest.raises(ValueError, match=r"^prompt length=49 exceeds the largest bucket 48 \(buckets: \(16, 48\)\)$"):
         bucket_size(49, (16, 48), 1, "prompt length")
+
+
+def test_text_length_bucket():
+    # Multiples of 8 (at least 8) up to 64 tokens, then 2**k or 3 * 2**k, capped at the limit.
+    assert [text_length_bucket(n, 256) for n in (0, 1, 8, 9, 17, 63, 64, 65, 97, 100, 200, 300)] == [
+        8, 8, 8, 16, 24, 64, 64, 96, 128, 128, 256, 256]
+    assert text_length_bucket(300, 512) == 384
+    assert text_length_bucket(20, 16) == 16  # the limit also caps short texts

@@ -63,10 +63,10 @@ def main() -> None:
     import torch  # noqa: PLC0415  (benchmark-only peer)
     from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
-    from m2io_jax.models import bert, from_pretrained  # noqa: PLC0415
+    from m2io_jax.models import from_pretrained, sentence_encoder  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
-    path = args.encoder or bert.default_encoder_path()
+    path = args.encoder or sentence_encoder.default_encoder_path()
     ours = from_pretrained(path)
     peer = SentenceTransformer(path, device="cpu")
     workloads = {

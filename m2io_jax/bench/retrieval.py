@@ -126,7 +126,7 @@ def demo_embeddings() -> tuple[np.ndarray, np.ndarray] | None:
     """MiniLM embeddings of the demo corpus's chunks and questions, or None (with a message) if absent."""
     try:
         from m2io_jax.data import demo, mramg  # noqa: PLC0415
-        from m2io_jax.models import bert, from_pretrained  # noqa: PLC0415
+        from m2io_jax.models.sentence_encoder import load_encoder  # noqa: PLC0415
         from m2io_jax.retrieval import chunking, retriever  # noqa: PLC0415
     except ImportError as e:
         print(f"\n(demo corpus skipped: {e})")
@@ -134,7 +134,7 @@ def demo_embeddings() -> tuple[np.ndarray, np.ndarray] | None:
     if not os.path.isdir(demo.CORPUS_DIR):
         print(f"\n(demo corpus skipped: {demo.CORPUS_DIR} does not exist)")
         return None
-    encoder = from_pretrained(bert.default_encoder_path())
+    encoder = load_encoder()
     chunks, questions = [], []
     for name in demo.DEMO_DATASETS:
         dataset = mramg.load_dataset(demo.demo_root(), name, check_images=False)

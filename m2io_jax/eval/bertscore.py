@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m2io_jax.models.bert import SentenceEncoder
+from m2io_jax.models.sentence_encoder import SentenceEncoder
 
 
 def idf_weights(references: Sequence[Sequence[int]]) -> collections.defaultdict[int, float]:

@@ -24,8 +24,7 @@ from collections.abc import Mapping, Sequence
 
 from rouge_score import rouge_scorer
 
-IMAGE_MARKER = re.compile(r"<img\d+>")
-"""An image placeholder in a generated answer: `<img1>`, `<img12>`, ..."""
+from m2io_jax.data.sentences import IMG_RE
 
 COLUMNS: tuple[str, ...] = ("Prec.", "Rec.", "F1", "Ord.", "R.L.", "B.S.")
 """Report columns, in the order of the MRAMG-Bench tables."""
@@ -35,12 +34,12 @@ AVERAGE_ROW = "Average"
 
 def image_markers(text: str) -> list[str]:
     """Every `<imgN>` placeholder in `text`, in order of appearance, as ids without brackets (`img3`)."""
-    return [m.group(0)[1:-1] for m in IMAGE_MARKER.finditer(text)]
+    return [f"img{m.group(1)}" for m in IMG_RE.finditer(text)]
 
 
 def strip_image_markers(text: str) -> str:
     """`text` with every `<imgN>` placeholder removed and the whitespace around it collapsed."""
-    return re.sub(r"[ \t]{2,}", " ", IMAGE_MARKER.sub("", text)).strip()
+    return re.sub(r"[ \t]{2,}", " ", IMG_RE.sub("", text)).strip()
 
 
 def image_scores(gold: Sequence[str], pred: Sequence[str]) -> tuple[float, float, float]:

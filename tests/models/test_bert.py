@@ -1,4 +1,5 @@
-"""A tiny random BERT: Hugging Face round trip, layer-wise parity with transformers, mesh loading."""
+"""A tiny random BERT (`bert`, `bert_hf`, `sentence_encoder`): Hugging Face and sentence-transformers round
+trips, layer-wise parity with transformers, pooling, checkpoint variants, mesh loading, length-bucketed batches."""
 
 import shutil
 
@@ -11,7 +12,7 @@ from flax import nnx
 from tokenizers import decoders, normalizers, pre_tokenizers, processors, trainers
 
 from m2io_jax import models, sharding
-from m2io_jax.models import bert, hf
+from m2io_jax.models import bert, bert_hf, hf, qwen2, sentence_encoder
 
 _TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -40,8 +41,8 @@ def _tokenizer() -> tokenizers.Tokenizer:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    encoder = bert.SentenceEncoder(
-        bert.BertModel(_CONFIG, rngs=nnx.Rngs(0)), _tokenizer(), bert.PoolingConfig("mean", True, 16)
+    encoder = sentence_encoder.SentenceEncoder(
+        bert.BertModel(_CONFIG, rngs=nnx.Rngs(0)), _tokenizer(), sentence_encoder.PoolingConfig("mean", True, 16)
     )
     path = str(tmp_path_factory.mktemp("tiny_bert"))
     models.save_pretrained(encoder, path)
@@ -54,6 +55,16 @@ def test_round_trip_through_registry(saved):
     assert loaded.model.config == _CONFIG
     assert loaded.pooling == encoder.pooling
     np.testing.assert_array_equal(loaded.encode(_TEXTS), encoder.encode(_TEXTS))
+
+
+def test_load_encoder_reads_a_directory_and_rejects_other_models(saved, tmp_path):
+    encoder, path = saved
+    np.testing.assert_array_equal(sentence_encoder.load_encoder(path).encode(_TEXTS), encoder.encode(_TEXTS))
+    decoder_config = qwen2.Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1)
+    models.save_pretrained(qwen2.Qwen2ForCausalLM(decoder_config, rngs=nnx.Rngs(0)), str(tmp_path))
+    with pytest.raises(TypeError, match=r"config.json: model_type 'qwen2' is not a text encoder; expected 'bert'"):
+        sentence_encoder.load_encoder(str(tmp_path))
 
 
 def test_hidden_states_match_transformers_every_layer(saved):
@@ -91,15 +102,17 @@ def test_loading_on_a_mesh_matches_single_device(saved):
         np.testing.assert_allclose(sharded.encode(_TEXTS), encoder.encode(_TEXTS), atol=1e-5)
 
 
-def test_pooling_modes(saved):
-    encoder, _ = saved
-    ids = np.array([[2, 7, 9, 3, 0, 0]], np.int32)
-    mask = (ids > 0).astype(np.int32)
-    graphdef, state = nnx.split(encoder.model)
-    hidden = np.asarray(encoder.model(ids, mask))[0, :4]
-    for mode, expected in (("mean", hidden.mean(0)), ("max", hidden.max(0)), ("cls", hidden[0])):
-        got = np.asarray(bert._sentence_embeddings(graphdef, state, ids, mask, pooling=mode, normalize=False))[0]
-        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=mode)
+@pytest.mark.parametrize("mode", ["mean", "max", "cls"])
+def test_pooling_modes(saved, mode):
+    saved_encoder, _ = saved
+    encoder = sentence_encoder.SentenceEncoder(
+        saved_encoder.model, saved_encoder.tokenizer, sentence_encoder.PoolingConfig(mode, False, 16)
+    )
+    (ids,) = encoder.tokenize(_TEXTS[:1])
+    hidden = np.asarray(encoder.model(np.array([ids], np.int32), np.ones((1, len(ids)), np.int32)))[0]  # [T, D]
+    pooled = {"mean": hidden.mean(0), "max": hidden.max(0), "cls": hidden[0]}[mode]
+    expected = pooled / np.linalg.norm(pooled)  # `encode` always normalises
+    np.testing.assert_allclose(encoder.encode(_TEXTS[:1])[0], expected, atol=1e-5)
 
 
 def test_pooling_config_errors(tmp_path):
@@ -109,18 +122,17 @@ def test_pooling_config_errors(tmp_path):
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": true}')
     with pytest.raises(ValueError, match="1_Pooling/config.json: expected exactly one"):
-        bert.PoolingConfig.from_dir(str(tmp_path), 512)
+        sentence_encoder.PoolingConfig.from_dir(str(tmp_path), 512)
     (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
     (tmp_path / "sentence_bert_config.json").write_text('{"max_seq_length": 8192}')
-    assert bert.PoolingConfig.from_dir(str(tmp_path), 512) == bert.PoolingConfig("cls", False, 512)
+    assert sentence_encoder.PoolingConfig.from_dir(str(tmp_path), 512) == sentence_encoder.PoolingConfig("cls", False, 512)
 
 
 def test_missing_weights_and_bad_config(tmp_path):
     with pytest.raises(ValueError, match="missing BERT keys"):
         bert.BertConfig.from_hf({"model_type": "bert", "hidden_size": 8})
-    hf = _CONFIG.to_hf()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        bert.load_model(str(tmp_path), bert.BertConfig.from_hf(hf))
+        bert_hf.load_model(str(tmp_path), bert.BertConfig.from_hf(_CONFIG.to_hf()))
 
 
 @pytest.fixture
@@ -167,11 +179,13 @@ def test_missing_tensor_under_prefix_raises(rewritten):
         models.from_pretrained(path)
 
 
-def test_length_buckets():
-    assert [bert.length_bucket(n, 256) for n in (1, 9, 17, 63, 65, 97, 100, 200, 300)] == [
-        8, 16, 24, 64, 96, 128, 128, 256, 256]
-    assert bert.length_bucket(300, 512) == 384
-    batches = bert.length_bucketed_batches([[1] * n for n in (3, 30, 5, 20, 7)], batch_size=4, max_length=64)
+def test_length_bucketed_batches():
+    token_ids = [list(range(1, n + 1)) for n in (3, 30, 5, 20, 7)]
+    batches = sentence_encoder.length_bucketed_batches(token_ids, batch_size=4, max_length=64)
     assert [b.ids.shape for b in batches] == [(4, 32), (1, 8)]
     assert list(batches[0].rows) == [1, 3, 4, 2]
-    assert batches[0].mask.sum() == 30 + 20 + 7 + 5
+    for batch in batches:
+        for i, r in enumerate(batch.rows):
+            n = len(token_ids[r])
+            assert batch.ids[i, :n].tolist() == token_ids[r] and not batch.ids[i, n:].any()
+            assert batch.mask[i].tolist() == [1] * n + [0] * (batch.ids.shape[1] - n)

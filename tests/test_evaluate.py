@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from m2io_jax import evaluate
-from m2io_jax.eval import metrics, predictions
+from m2io_jax.eval import metrics
 
 QUESTIONS = [
     {"id": "q1", "question": "How to bake?", "provenance": [1], "images_list": ["a", "b"],
@@ -81,19 +81,6 @@ def test_cli_with_bertscore(data_dir, tmp_path):
     assert written["datasets"]["tiny"]["scores"]["q3"]["f1"] == 1.0  # no gold, no prediction: perfect
 
 
-def test_bad_predictions_name_the_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"id": "q1", "dataset": "tiny", "final_output": "x"}\n{"id": "q2"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing keys \['dataset', 'final_output'\]"):
-        predictions.read_predictions(str(path))
-    path.write_text('{"id": "q1", "dataset": "t", "final_output": "x"}\n{"id": "q1", "dataset": "t", "final_output": "y"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: duplicate prediction"):
-        predictions.read_predictions(str(path))
-    path.write_text("not json\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: invalid JSON"):
-        predictions.read_predictions(str(path))
-
-
 def test_demo_corpus_gold_answers_score_perfectly(tmp_path):
     from m2io_jax.data import demo, mramg
 
@@ -108,12 +95,3 @@ def test_demo_corpus_gold_answers_score_perfectly(tmp_path):
     table, _ = evaluate.evaluate(_write(tmp_path / "p.jsonl", records), root, bertscore=False)
     assert table[name]["F1"] == pytest.approx(100.0) and table[name]["Ord."] == pytest.approx(100.0)
     assert table[name]["R.L."] == pytest.approx(100.0)
-
-
-def test_written_predictions_read_back(tmp_path):
-    path = str(tmp_path / "out" / "preds.jsonl")
-    written = [predictions.Prediction("q1", "x", "Hi.<img1> Then <img3>.", {"img1": "a", "img2": "b"})]
-    assert predictions.write_predictions(path, written) == 1
-    read = predictions.read_predictions(path)
-    assert read == {("x", "q1"): written[0]}
-    assert read[("x", "q1")].images() == ["a", "<unmapped:img3>"]
