@@ -4,12 +4,11 @@ import json
 import os
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
-import jax.numpy as jnp
 
 from m2io_jax import models
 from m2io_jax.models import hf
@@ -19,7 +18,7 @@ from tests.conftest import TINY_QWEN2, left_padded_batch
 def logits_of(torch_model, ids, mask, positions):
     with torch.no_grad():
         return torch_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                           position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
+                           position_ids=torch.tensor(positions, dtype=torch.long)).logits.float().numpy()
 
 
 @pytest.mark.parametrize("name", ["tied_gqa", "untied_mha"])
@@ -48,13 +47,20 @@ def test_sharded_checkpoint_with_index_round_trips(tiny_qwen2, tmp_path):
     np.testing.assert_array_equal(logits_of(reloaded, ids, mask, positions), logits_of(reference, ids, mask, positions))
 
 
-def test_bfloat16_export_loads_in_transformers(tiny_qwen2, tmp_path):
-    path, _ = tiny_qwen2["tied_gqa"]
+def test_bfloat16_export_then_transformers_reload_is_identical(tiny_qwen2, tmp_path):
+    """Our bfloat16 weights, exported and reloaded by transformers, give the logits of the reference cast to bf16."""
+    path, reference = tiny_qwen2["tied_gqa"]
     models.save_pretrained(models.from_pretrained(path, dtype=jnp.bfloat16), tmp_path / "bf16")
     header, _ = hf._read_header(str(tmp_path / "bf16" / hf.SINGLE_FILE))
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).eval()
     assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    # transformers' own bf16 load of the float32 checkpoint (its rotary tables stay float32, as in the reload).
+    reference_bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids, mask, positions = left_padded_batch(TINY_QWEN2["tied_gqa"]["vocab_size"], (6, 9), seed=9)
+    expected = logits_of(reference_bf16, ids, mask, positions)  # [B, T, vocab]
+    assert np.abs(expected - logits_of(reference, ids, mask, positions)).max() > 0  # bf16 rounding is visible
+    np.testing.assert_array_equal(logits_of(reloaded, ids, mask, positions), expected)
 
 
 @pytest.fixture
@@ -98,7 +104,8 @@ def test_missing_tensor(broken_copy):
 def test_tensor_of_wrong_shape(broken_copy):
     target, rewrite = broken_copy
     rewrite(lambda t: t.update({"model.norm.weight": np.ones((63,), np.float32)}))
-    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.norm.weight' has shape \(63,\); expected \(64,\)"):
+    with pytest.raises(ValueError,
+                       match=r"model.safetensors: tensor 'model.norm.weight' has shape \(63,\); expected \(64,\)"):
         models.from_pretrained(target)
 
 
@@ -121,5 +128,6 @@ def test_overrides_set_run_fields_and_name_unknown_ones(tiny_qwen2):
     rematted = models.from_pretrained(path, overrides={"remat": "full"})
     assert rematted.config.remat == "full" and plain.config.remat == "none"
     np.testing.assert_allclose(np.asarray(rematted(ids, mask)), np.asarray(plain(ids, mask)), atol=1e-6)
-    with pytest.raises(KeyError, match=r"config\.json: override 'rematt': Qwen2Config has no field 'rematt' \(fields: "):
+    with pytest.raises(KeyError,
+                       match=r"config\.json: override 'rematt': Qwen2Config has no field 'rematt' \(fields: "):
         models.from_pretrained(path, overrides={"rematt": "full"})
