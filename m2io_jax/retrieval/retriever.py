@@ -15,7 +15,6 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 
 from m2io_jax.data import mramg
-from m2io_jax.models.sentence_encoder import load_encoder  # noqa: F401  (retrieval.recall calls retriever.load_encoder)
 from m2io_jax.retrieval import chunking
 
 
