@@ -1,6 +1,6 @@
 """Text-encoder throughput: our Flax BERT against sentence-transformers (torch) on the same MiniLM weights.
 
-    python -m m2io_jax.bench.embed [--threads 2] [--num_short 2000] [--num_chunks 64] [--repeats 2]
+    python -m m2io_jax.bench.embed [--threads=2] [--num_short=2000] [--num_chunks=64] [--repeats=2]
 
 Two workloads, each encoded whole by both encoders (sorting by length and batching are each encoder's own):
 short sentences of about 15 tokens (batch 128) and 256-token passages, i.e. retrieval chunks at MiniLM's
@@ -12,13 +12,21 @@ after one warm-up run (which compiles our few bucketed shapes). The embeddings o
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from absl import flags
+
+from m2io_jax import cli
+
+_ENCODER = flags.DEFINE_string("encoder", "", "checkpoint directory (default: the packaged MiniLM)")
+_THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads")
+_NUM_SHORT = flags.DEFINE_integer("num_short", 2000, "short sentences in the first workload")
+_NUM_CHUNKS = flags.DEFINE_integer("num_chunks", 64, "256-token passages in the second workload")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "timed runs per encoder and workload (the best counts)")
 
 _WORDS = (
     "the a of retrieval image answer question model corpus passage embedding index search vector recipe manual "
@@ -51,47 +59,44 @@ def best_rate(fn: Callable[[], np.ndarray], count: int, repeats: int) -> tuple[f
     return count / best, out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="", help="checkpoint directory (default: packaged MiniLM)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--num_short", type=int, default=2000)
-    parser.add_argument("--num_chunks", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+def main(argv: Sequence[str]) -> None:
+    cli.no_positional_arguments(argv)
+    # Imported here so that the module's helpers and flags load without the benchmark-only torch peers.
+    import torch
+    from sentence_transformers import SentenceTransformer
 
-    import torch  # noqa: PLC0415  (benchmark-only peer)
-    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+    from m2io_jax.models import from_pretrained, sentence_encoder
 
-    from m2io_jax.models import from_pretrained, sentence_encoder  # noqa: PLC0415
-
-    torch.set_num_threads(args.threads)
-    path = args.encoder or sentence_encoder.default_encoder_path()
+    threads, repeats = _THREADS.value, _REPEATS.value
+    torch.set_num_threads(threads)
+    path = _ENCODER.value or sentence_encoder.default_encoder_path()
     ours = from_pretrained(path)
     peer = SentenceTransformer(path, device="cpu")
     workloads = {
-        "short (~15 tokens)": (short_sentences(args.num_short), 128, 1.0),
-        "256-token chunks": (long_passages(args.num_chunks), 32, 0.8),
+        "short (~15 tokens)": (short_sentences(_NUM_SHORT.value), 128, 1.0),
+        "256-token chunks": (long_passages(_NUM_CHUNKS.value), 32, 0.8),
     }
-    print(f"encoder {path}; torch threads {args.threads}")
-    print(f"{'workload':<20} {'mean tokens':>11} {'flax sent/s':>12} {'s-t sent/s':>11} {'ratio':>6} {'target':>6} {'min cos':>9}")
+    print(f"encoder {path}; torch threads {threads}")
+    print(f"{'workload':<20} {'mean tokens':>11} {'flax sent/s':>12} {'s-t sent/s':>11} {'ratio':>6} {'target':>6} "
+          f"{'min cos':>9}")
     rows = []
     for name, (texts, batch_size, target) in workloads.items():
         mean_tokens = float(np.mean([len(ids) for ids in ours.tokenize(texts)]))
-        flax_rate, flax_out = best_rate(lambda: ours.encode(texts, batch_size=batch_size), len(texts), args.repeats)
+        flax_rate, flax_out = best_rate(lambda: ours.encode(texts, batch_size=batch_size), len(texts), repeats)
         torch_rate, torch_out = best_rate(
-            lambda: peer.encode(texts, batch_size=batch_size, convert_to_numpy=True), len(texts), args.repeats
+            lambda: peer.encode(texts, batch_size=batch_size, convert_to_numpy=True), len(texts), repeats
         )
         cosine = float(np.min(np.sum(flax_out * torch_out, axis=1) / np.linalg.norm(torch_out, axis=1)))
         ratio = flax_rate / torch_rate
-        rows.append({"workload": name, "texts": len(texts), "batch_size": batch_size, "mean_tokens": round(mean_tokens, 1),
-                     "flax_sentences_per_s": round(flax_rate, 1), "st_sentences_per_s": round(torch_rate, 1),
+        rows.append({"workload": name, "texts": len(texts), "batch_size": batch_size,
+                     "mean_tokens": round(mean_tokens, 1), "flax_sentences_per_s": round(flax_rate, 1),
+                     "st_sentences_per_s": round(torch_rate, 1),
                      "ratio": round(ratio, 3), "target": target, "min_cosine": cosine})
         print(f"{name:<20} {mean_tokens:>11.1f} {flax_rate:>12.1f} {torch_rate:>11.1f} {ratio:>6.2f} {target:>6.1f} "
               f"{cosine:>9.6f}")
     print(json.dumps({
         "benchmark": "embed",
-        "threads": args.threads,
+        "threads": threads,
         "short_ratio": rows[0]["ratio"],
         "chunk_ratio": rows[1]["ratio"],
         "acceptance_met": all(r["ratio"] >= r["target"] for r in rows),
@@ -100,4 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

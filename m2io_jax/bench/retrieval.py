@@ -1,6 +1,6 @@
 """Retrieval index benchmark: ScaNN (our `ScannIndex`) against exact numpy and faiss `IndexFlatIP`.
 
-    python -m m2io_jax.bench.retrieval [--num_vectors 100000] [--num_queries 2000] [--threads 2]
+    python -m m2io_jax.bench.retrieval [--num_vectors=100000] [--num_queries=2000] [--threads=2] [--nocurve]
 
 Data: `num_vectors` x 384 vectors shaped like sentence embeddings (a shared mean direction, a mixture of
 Gaussian clusters of varied spread, unit-normalised) and `num_queries` fresh queries from the same mixture;
@@ -12,7 +12,6 @@ parameters (leaves_to_search, reorder) on the same index. The last line is one J
 
 from __future__ import annotations
 
-import argparse
 import os
 
 _THREADS_DEFAULT = 2
@@ -21,11 +20,22 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # b
 
 import json  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
+from m2io_jax import cli  # noqa: E402
 from m2io_jax.retrieval import index as index_lib  # noqa: E402
+
+_NUM_VECTORS = flags.DEFINE_integer("num_vectors", 100_000, "synthetic database vectors")
+_NUM_QUERIES = flags.DEFINE_integer("num_queries", 2_000, "synthetic queries")
+_CLUSTERS = flags.DEFINE_integer("clusters", 1_000, "clusters of the synthetic mixture")
+_THREADS = flags.DEFINE_integer("threads", _THREADS_DEFAULT,
+                                "threads for numpy/faiss (BLAS env vars are read at import: set OMP_NUM_THREADS too)")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed searches per method (the best counts)")
+_CURVE = flags.DEFINE_bool("curve", True, "sweep ScaNN's search-time parameters on the synthetic set")
+_DEMO = flags.DEFINE_bool("demo", True, "also measure the demo corpus's MiniLM embeddings")
 
 K = 10
 
@@ -68,7 +78,7 @@ def queries_per_second(fn: Callable[[], object], num_queries: int, repeats: int)
 
 
 def faiss_flat_ip(db: np.ndarray, threads: int):
-    import faiss  # noqa: PLC0415  (benchmark-only dependency)
+    import faiss  # benchmark-only dependency
 
     faiss.omp_set_num_threads(threads)
     flat = faiss.IndexFlatIP(db.shape[1])
@@ -109,15 +119,18 @@ def bench_set(name: str, db: np.ndarray, queries: np.ndarray, *, threads: int, r
     if curve and index.kind == index_lib.TREE_AH:
         points = []
         print(f"\nScaNN recall / speed curve ({index.num_leaves} leaves):")
-        print(f"{'leaves_to_search':>16} {'reorder':>8} {'recall@10':>9} {'queries/s':>10} {'vs numpy':>9} {'vs faiss':>9}")
+        print(f"{'leaves_to_search':>16} {'reorder':>8} {'recall@10':>9} {'queries/s':>10} {'vs numpy':>9} "
+              f"{'vs faiss':>9}")
         for leaves in (4, 8, 16, 32, 64, 128):
             for reorder in (50, 100, 200):
                 ids = index.search(queries, K, leaves_to_search=leaves, reorder=reorder)[0]
                 qps = queries_per_second(lambda: index.search(queries, K, leaves_to_search=leaves, reorder=reorder),
                                          q, repeats)
                 rec = recall_at_k(ids, exact)
-                points.append({"leaves_to_search": leaves, "reorder": reorder, "recall": round(rec, 4), "qps": round(qps)})
-                print(f"{leaves:>16} {reorder:>8} {rec:>9.4f} {qps:>10.0f} {qps / numpy_qps:>9.2f} {qps / faiss_qps:>9.2f}")
+                points.append({"leaves_to_search": leaves, "reorder": reorder, "recall": round(rec, 4),
+                               "qps": round(qps)})
+                print(f"{leaves:>16} {reorder:>8} {rec:>9.4f} {qps:>10.0f} {qps / numpy_qps:>9.2f} "
+                      f"{qps / faiss_qps:>9.2f}")
         result["curve"] = points
     return result
 
@@ -125,9 +138,9 @@ def bench_set(name: str, db: np.ndarray, queries: np.ndarray, *, threads: int, r
 def demo_embeddings() -> tuple[np.ndarray, np.ndarray] | None:
     """MiniLM embeddings of the demo corpus's chunks and questions, or None (with a message) if absent."""
     try:
-        from m2io_jax.data import demo, mramg  # noqa: PLC0415
-        from m2io_jax.models.sentence_encoder import load_encoder  # noqa: PLC0415
-        from m2io_jax.retrieval import chunking, retriever  # noqa: PLC0415
+        from m2io_jax.data import demo, mramg
+        from m2io_jax.models.sentence_encoder import load_encoder
+        from m2io_jax.retrieval import chunking, retriever
     except ImportError as e:
         print(f"\n(demo corpus skipped: {e})")
         return None
@@ -144,27 +157,19 @@ def demo_embeddings() -> tuple[np.ndarray, np.ndarray] | None:
     return encoder.encode([c.plain_text for c in chunks]), encoder.encode(questions)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_vectors", type=int, default=100_000)
-    parser.add_argument("--num_queries", type=int, default=2_000)
-    parser.add_argument("--clusters", type=int, default=1_000)
-    parser.add_argument("--threads", type=int, default=_THREADS_DEFAULT,
-                        help="threads for numpy/faiss (BLAS env vars are read at import: set OMP_NUM_THREADS too)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no_curve", action="store_true")
-    parser.add_argument("--no_demo", action="store_true")
-    args = parser.parse_args()
-    db = sentence_like_vectors(args.num_vectors, 384, clusters=args.clusters, seed=1)
-    queries = sentence_like_vectors(args.num_queries, 384, clusters=args.clusters, seed=2)
-    results = [bench_set("synthetic", db, queries, threads=args.threads, repeats=args.repeats, curve=not args.no_curve)]
-    demo = None if args.no_demo else demo_embeddings()
+def main(argv: Sequence[str]) -> None:
+    cli.no_positional_arguments(argv)
+    threads, repeats = _THREADS.value, _REPEATS.value
+    db = sentence_like_vectors(_NUM_VECTORS.value, 384, clusters=_CLUSTERS.value, seed=1)
+    queries = sentence_like_vectors(_NUM_QUERIES.value, 384, clusters=_CLUSTERS.value, seed=2)
+    results = [bench_set("synthetic", db, queries, threads=threads, repeats=repeats, curve=_CURVE.value)]
+    demo = demo_embeddings() if _DEMO.value else None
     if demo is not None:
-        results.append(bench_set("demo corpus (MiniLM)", *demo, threads=args.threads, repeats=args.repeats, curve=False))
+        results.append(bench_set("demo corpus (MiniLM)", *demo, threads=threads, repeats=repeats, curve=False))
     main_result = results[0]
     summary = {
         "benchmark": "retrieval",
-        "threads": args.threads,
+        "threads": threads,
         "scann_recall_at_10": main_result["scann_recall"],
         "scann_qps": main_result["scann_qps"],
         "numpy_qps": main_result["numpy_qps"],
@@ -178,4 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,6 +1,6 @@
 """GRPO group sampling throughput: m2io_jax's shared-prefix sampler against transformers and tunix.
 
-    python -m m2io_jax.bench.sampler [--size 40m|150m] [--workloads 1024x128,128x128] [--scaling]
+    python -m m2io_jax.bench.sampler [--size=40m|150m] [--workloads=1024x128,128x128] [--scaling]
 
 One random Qwen2 (tied embeddings, vocabulary 32,000; `40m`: width 512, 8 layers; `150m`: width 1024,
 10 layers) is written once as a Hugging Face safetensors checkpoint and loaded by all three engines, float32,
@@ -15,20 +15,24 @@ N new tokens (no stop token), counted as 8 * G * N tokens:
 Compilation is excluded (one warm-up call of the same shapes for the JAX engines). Beside each ratio the FLOP
 ceiling of prefill sharing: analytic FLOPs of sampling with G prefills per prompt over FLOPs with one (matmul
 and attention FLOPs, an LM head on generated tokens only), i.e. the speed-up sharing gives an engine whose time
-is proportional to FLOPs. `--scaling` prints m2io_jax tokens/s for G in 1, 4, 8, 16 and P from 128 to 2048 (32 new tokens).
+is proportional to FLOPs. `--scaling` prints m2io_jax tokens/s for G in 1, 4, 8, 16 and P from 128 to 2048
+(32 new tokens).
 The last line is one JSON object (the main workload: the first of `--workloads`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
+
+from m2io_jax import cli
 
 SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -39,6 +43,15 @@ SIZES = {
                  intermediate_size=2816, vocab_size=32000),
 }
 NUM_PROMPTS = 8
+
+_SIZE = flags.DEFINE_enum("size", "40m", sorted(SIZES), "model size")
+_WORKLOADS = flags.DEFINE_string("workloads", "1024x128,128x128", "PROMPTxNEW,... (the first is the main one)")
+_SAMPLES = flags.DEFINE_integer("samples", 8, "G, samples per prompt")
+_SCALING = flags.DEFINE_bool("scaling", False, "only the m2io_jax scaling table")
+_SCALING_NEW = flags.DEFINE_integer("scaling_new", 32, "new tokens in the scaling table")
+_SCALING_PROMPTS = flags.DEFINE_string("scaling_prompts", "128,512,2048", "prompt lengths in the scaling table")
+_REPEATED = flags.DEFINE_bool("repeated", False, "also time m2io_jax without prefix sharing")
+_SKIP_PEERS = flags.DEFINE_bool("skip_peers", False, "time m2io_jax only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,17 +203,20 @@ def time_tunix(directory: str, shape: dict, prompts, w: Workload) -> float:
     return elapsed
 
 
-def run_workload(args, shape, directory, torch_model, model, w: Workload) -> dict:
+def run_workload(size: str, directory: str, torch_model, model, w: Workload, *, repeated: bool,
+                 peers: bool) -> dict:
+    """Times one workload on every engine, prints its table and returns its figures."""
+    shape = SIZES[size]
     prompts = random_prompts(shape["vocab_size"], w)
     seconds = {"m2io_jax": time_m2io(model, prompts, w)}
-    if args.repeated:
+    if repeated:
         seconds["m2io_jax_repeated_prefill"] = time_m2io(model, prompts, w, repeated=True)
-    if not args.skip_peers:
+    if peers:
         seconds["transformers"] = time_transformers(torch_model, prompts, w)
         seconds["tunix"] = time_tunix(directory, shape, prompts, w)
     tps = {k: w.tokens / v for k, v in seconds.items()}
     ceiling = sharing_ceiling(shape, w)
-    print(f"\n{args.size} model, prompt {w.prompt} + {w.new} new, {NUM_PROMPTS} prompts x G={w.samples} "
+    print(f"\n{size} model, prompt {w.prompt} + {w.new} new, {NUM_PROMPTS} prompts x G={w.samples} "
           f"({w.tokens} tokens); FLOP ceiling of prefill sharing {ceiling:.2f}x")
     print(f"  {'engine':28s} {'seconds':>8s} {'tokens/s':>9s} {'m2io_jax speed-up':>18s}")
     for name, s in seconds.items():
@@ -211,13 +227,14 @@ def run_workload(args, shape, directory, torch_model, model, w: Workload) -> dic
             "flop_ceiling": round(ceiling, 2)}
 
 
-def run_scaling(args, shape, model) -> list[dict]:
+def run_scaling(size: str, model, new: int, prompt_lengths: Sequence[int]) -> list[dict]:
+    """m2io_jax tokens/s for G in 1, 4, 8, 16 at each prompt length, `new` new tokens; prints the table."""
+    shape = SIZES[size]
     rows = []
-    new = args.scaling_new
-    print(f"\nm2io_jax scaling ({args.size}, {NUM_PROMPTS} prompts, {new} new tokens): tokens/s "
+    print(f"\nm2io_jax scaling ({size}, {NUM_PROMPTS} prompts, {new} new tokens): tokens/s "
           f"(FLOP ceiling of prefill sharing)")
     print("  prompt " + "".join(f"{'G=' + str(g):>18s}" for g in (1, 4, 8, 16)))
-    for p in map(int, args.scaling_prompts.split(",")):
+    for p in prompt_lengths:
         cells = []
         for g in (1, 4, 8, 16):
             w = Workload(p, new, g)
@@ -229,17 +246,27 @@ def run_scaling(args, shape, model) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="40m")
-    parser.add_argument("--workloads", default="1024x128,128x128", help="PROMPTxNEW,... (the first is the main one)")
-    parser.add_argument("--samples", type=int, default=8, help="G, samples per prompt")
-    parser.add_argument("--scaling", action="store_true", help="only the m2io_jax scaling table")
-    parser.add_argument("--scaling-new", type=int, default=32, help="new tokens in the scaling table")
-    parser.add_argument("--scaling-prompts", default="128,512,2048", help="prompt lengths in the scaling table")
-    parser.add_argument("--repeated", action="store_true", help="also time m2io_jax without prefix sharing")
-    parser.add_argument("--skip-peers", action="store_true", help="time m2io_jax only")
-    args = parser.parse_args()
+def _ints(flag: flags.FlagHolder, text: str, separator: str) -> list[int]:
+    """The integers of a `separator`-separated flag value; a malformed value is a user error naming the flag."""
+    try:
+        return [int(x) for x in text.split(separator)]
+    except ValueError:
+        raise cli.UserError(f"--{flag.name}={flag.value}: expected integers separated by {separator!r}") from None
+
+
+def parse_workloads(flag: flags.FlagHolder, samples: int) -> list[Workload]:
+    """`PROMPTxNEW,...` of `flag` as workloads of `samples` samples per prompt."""
+    pairs = [_ints(flag, x, "x") for x in flag.value.split(",")]
+    if any(len(pair) != 2 for pair in pairs):
+        raise cli.UserError(f"--{flag.name}={flag.value}: expected PROMPTxNEW,... (e.g. 1024x128,128x128)")
+    return [Workload(prompt, new, samples) for prompt, new in pairs]
+
+
+def main(argv: Sequence[str]) -> None:
+    cli.no_positional_arguments(argv)
+    size = _SIZE.value
+    workloads = parse_workloads(_WORKLOADS, _SAMPLES.value)
+    prompt_lengths = _ints(_SCALING_PROMPTS, _SCALING_PROMPTS.value, ",")
 
     import jax
     import torch
@@ -248,21 +275,21 @@ def main() -> None:
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    shape = SIZES[args.size]
-    workloads = [Workload(*map(int, x.split("x")), args.samples) for x in args.workloads.split(",")]
+    shape = SIZES[size]
     max_length = max(4096, max(w.prompt + w.new for w in workloads))
     print(f"devices: {jax.devices()}; torch threads {threads}; jax {jax.__version__}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as directory:
         torch_model = write_checkpoint(shape, directory, max_length)
         n_params = sum(p.numel() for p in torch_model.parameters())
-        print(f"model {args.size}: {n_params / 1e6:.1f}M parameters (tied embeddings), float32")
+        print(f"model {size}: {n_params / 1e6:.1f}M parameters (tied embeddings), float32")
         model = models.from_pretrained(directory)
-        if args.scaling:
-            result = {"size": args.size, "scaling": run_scaling(args, shape, model)}
+        if _SCALING.value:
+            result = {"size": size, "scaling": run_scaling(size, model, _SCALING_NEW.value, prompt_lengths)}
         else:
-            results = [run_workload(args, shape, directory, torch_model, model, w) for w in workloads]
+            results = [run_workload(size, directory, torch_model, model, w, repeated=_REPEATED.value,
+                                    peers=not _SKIP_PEERS.value) for w in workloads]
             main_result = results[0]
-            result = {"size": args.size, "main_workload": main_result["workload"],
+            result = {"size": size, "main_workload": main_result["workload"],
                       "tokens_per_s": main_result["tokens_per_s"], "ratios": main_result["ratios"],
                       "flop_ceiling": main_result["flop_ceiling"], "other_workloads": results[1:],
                       "compiles": sampling.compile_counts()}
@@ -270,4 +297,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
