@@ -54,8 +54,9 @@ def example_from_question(question: mramg.Question, candidates: Candidates) -> I
     for anchor in question.anchors:
         if anchor.image in tags:
             anchors.setdefault(tags[anchor.image], anchor.sentence_index)
-    known = all(image in anchors for image in candidates.gold)
-    gold_anchors = tuple(Placement(image, anchors[image]) for image in dict.fromkeys(candidates.gold)) if known else None
+    gold_images = tuple(dict.fromkeys(candidates.gold))
+    known = all(image in anchors for image in gold_images)
+    gold_anchors = tuple(Placement(image, anchors[image]) for image in gold_images) if known else None
     return InsertionExample(
         question=question.question,
         answer=question.answer or question.ground_truth,

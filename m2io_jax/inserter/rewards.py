@@ -8,7 +8,8 @@ Components, each in [0, 1]:
              (`metrics.ordering_score`).
   placement  the fraction of chosen gold images placed within `placement_tolerance` sentences of their gold
              anchor (ordering alone rewards putting every image at the end). Left out when the example's
-             gold anchors are unknown (counted as `placement_unknown`).
+             gold anchors are unknown (counted as `placement_unknown`). For `inline`, sentences are those of
+             the completion's own text (the text reward checks that it is the input's).
   text       `inline` only: 1 when the answer without its placeholders equals the input answer (whitespace
              normalised), else 0.
 
