@@ -8,11 +8,12 @@ A command defines its absl flags at module level, declares its `--config` (when 
     from m2io_jax import cli
     from m2io_jax.data import config as data_config
 
-    _DATASET = flags.DEFINE_string("dataset", None, "dataset name, e.g. recipe")
+    _DATASET = flags.DEFINE_string("dataset", None, "dataset name, e.g. recipe (required)")
     _CONFIG = cli.define_config(data_config, "data and retrieval settings")
 
     def main(argv: Sequence[str]) -> None:
         cli.no_positional_arguments(argv)
+        cli.require(_DATASET)                       # not required=True: see `require`
         config = _CONFIG.value                      # an ml_collections.ConfigDict
         if _DATASET.value not in config.datasets:
             raise cli.UserError(f"--dataset={_DATASET.value}: expected one of {config.datasets}")
@@ -90,6 +91,17 @@ def define_config(default: types.ModuleType, help_text: str) -> ConfigHandle:
     handle = ConfigHandle(default_path=default.__file__, help=help_text)
     _declared.append(handle)
     return handle
+
+
+def require(*holders: flags.FlagHolder) -> None:
+    """Raises app.UsageError (one line, exit 2) naming each of `holders` that was not given.
+
+    Commands check their required flags here rather than with `required=True`: a module-level validator
+    would fail any later in-process parse of the flags once the command is imported as a library.
+    """
+    missing = [f"--{h.name}" for h in holders if h.value is None]
+    if missing:
+        raise app.UsageError(f"missing required flags: {', '.join(missing)}")
 
 
 def no_positional_arguments(argv: Sequence[str]) -> None:

@@ -195,14 +195,14 @@ def prepare(config: str | MramgConfig, *, data_dir: str, manual_dir: str | None 
 
 
 _BUILDER_CONFIGS = flags.DEFINE_multi_string(
-    "builder_config", None, "TFDS builder config to build, e.g. demo_web_qa or recipe_corpus; repeatable",
-    required=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory to write", required=True)
+    "builder_config", None, "TFDS builder config to build, e.g. demo_web_qa or recipe_corpus; repeatable")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory to write")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "MRAMG-Bench download directory (not needed for demo_*)")
 
 
 def main(argv: Sequence[str]) -> None:
     cli.no_positional_arguments(argv)
+    cli.require(_BUILDER_CONFIGS, _DATA_DIR)
     configs = {c.name: c for c in Mramg.BUILDER_CONFIGS}
     for name in _BUILDER_CONFIGS.value:
         if name not in configs:

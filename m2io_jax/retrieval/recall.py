@@ -82,7 +82,7 @@ def data_root(config: ml_collections.ConfigDict) -> str:
     if not config.data_dir:
         return demo_root()
     if not os.path.isdir(config.data_dir):
-        raise cli.UserError(f"--config.data_dir={config.data_dir}: no such directory (expected the MRAMG-Bench download)")
+        raise cli.UserError(f"config.data_dir={config.data_dir}: no such directory (expected an MRAMG-layout download)")
     return config.data_dir
 
 
@@ -94,7 +94,7 @@ def run(config: ml_collections.ConfigDict, dataset: str, split: str | None = Non
     start = time.perf_counter()
     root = data_root(config)
     if dataset not in mramg.dataset_names(root):
-        raise cli.UserError(f"--dataset={dataset}: no such dataset in {root} "
+        raise cli.UserError(f"no dataset {dataset!r} in {root} "
                             f"(found: {', '.join(mramg.dataset_names(root)) or 'none'})")
     ds = mramg.load_dataset(root, dataset)
     questions = ds.questions

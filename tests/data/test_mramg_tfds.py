@@ -52,15 +52,23 @@ def test_split_fractions_configurable(tmp_path, mramg_root):
     assert builder.info.splits["train"].num_examples == 2
 
 
-@pytest.mark.parametrize("name", ["demo_web", "demo_recipe", "demo_manual"])
+# Questions per split and documents of each demo dataset under the default split rule (m2io_jax/data/demo/build.py).
+DEMO_COUNTS = {
+    "demo_web": ({"train": 79, "validation": 10, "test": 11}, 60),
+    "demo_recipe": ({"train": 72, "validation": 9, "test": 9}, 30),
+    "demo_manual": ({"train": 48, "validation": 12, "test": 12}, 12),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEMO_COUNTS))
 def test_demo_builds_and_reads_back(tmp_path, name):
     data_dir = str(tmp_path / "tfds")
     tfds_builder.prepare(f"{name}_qa", data_dir=data_dir)
     tfds_builder.prepare(f"{name}_corpus", data_dir=data_dir)
-    total = sum(len(tfds.data_source(f"mramg/{name}_qa", data_dir=data_dir, split=s)) for s in splits_lib.SPLITS)
-    assert total >= 60
-    assert len(tfds.data_source(f"mramg/{name}_qa", data_dir=data_dir, split="test")) > 0
+    questions, documents = DEMO_COUNTS[name]
+    assert {s: len(tfds.data_source(f"mramg/{name}_qa", data_dir=data_dir, split=s)) for s in splits_lib.SPLITS} == questions
     corpus = tfds.data_source(f"mramg/{name}_corpus", data_dir=data_dir, split="corpus")
+    assert len(corpus) == documents
     ex = corpus[0]
     assert len(ex["images"]["image"]) == len(set(ex["images_list"])) >= 1
     assert ex["images"]["image"][0].shape == (96, 96, 3)
