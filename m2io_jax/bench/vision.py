@@ -1,10 +1,10 @@
 """Vision-tower throughput: our JAX Qwen2.5-VL tower against transformers (torch, sdpa) on the same weights.
 
-    python -m m2io_jax.bench.vision [--images 16] [--size 448] [--iters 3]
+    python -m m2io_jax.bench.vision [--images=16] [--image_size=448] [--iters=3]
 
 A mid-size tower (depth 8, width 256, 4 heads, MLP 684, window 112 with full attention in blocks 3 and 7:
-the 3B tower's 1-in-4-to-8 window/full mix, scaled) on `--images` random images of `--size` x `--size`
-pixels, float32, both sides on the same CPU threads. Both timings start from `pixel_values` and
+the 3B tower's 1-in-4-to-8 window/full mix, scaled) on `--images` random images of `--image_size` x
+`--image_size` pixels, float32, both sides on the same CPU threads. Both timings start from `pixel_values` and
 `image_grid_thw` as the image processor returns them: ours includes the host-side layout planning
 (`plan_vision_inputs`) and excludes compilation (one warm-up call). The two sides alternate, medians of
 `--iters` runs are compared. The last line is one JSON object.
@@ -20,25 +20,34 @@ With a GPU visible to both frameworks (jax's default backend "gpu" and torch.cud
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 import torch
+from absl import flags
 from flax import nnx
 
+from m2io_jax import cli
 from m2io_jax.models import hf
-from m2io_jax.models.qwen2_5_vl import VisionConfig, VisionTower, plan_vision_inputs
+from m2io_jax.models.qwen2_5_vl import VisionTower
+from m2io_jax.models.qwen2_5_vl_config import VisionConfig
 from m2io_jax.models.qwen2_5_vl_hf import vision_tensor_specs
+from m2io_jax.models.qwen2_5_vl_inputs import plan_vision_inputs
 
 HF_VISION = dict(depth=8, hidden_size=256, intermediate_size=684, num_heads=4, in_channels=3, patch_size=14,
                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=512,
                  fullatt_block_indexes=[3, 7], tokens_per_second=2)
+
+# `--image_size`, not `--size`: absl flags are global, and the sampler benchmark's `--size` names a model.
+_IMAGES = flags.DEFINE_integer("images", 16, "images in the batch")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 448, "image side in pixels (a multiple of the patch size)")
+_ITERS = flags.DEFINE_integer("iters", 3, "timed runs per side (medians are compared)")
 
 
 def _torch_tower(seed: int):
@@ -119,12 +128,9 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--size", type=int, default=448)
-    parser.add_argument("--iters", type=int, default=3)
-    args = parser.parse_args()
+def main(argv: Sequence[str]) -> None:
+    cli.no_positional_arguments(argv)
+    images, image_size, iters = _IMAGES.value, _IMAGE_SIZE.value, _ITERS.value
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -133,8 +139,8 @@ def main() -> None:
     tower = _jax_tower(torch_model)
     config = tower.config
 
-    side = args.size // config.patch_size
-    grid = np.tile(np.array([[1, side, side]], np.int64), (args.images, 1))
+    side = image_size // config.patch_size
+    grid = np.tile(np.array([[1, side, side]], np.int64), (images, 1))
     patches = int(grid.prod(1).sum())
     pixels = np.random.default_rng(0).standard_normal((patches, config.patch_dim)).astype(np.float32)
     pixels_t, grid_t = torch.from_numpy(pixels).to(device), torch.from_numpy(grid).to(device)
@@ -153,27 +159,27 @@ def main() -> None:
     compile_s = time.perf_counter() - start
     want = theirs().cpu().numpy()
     max_abs_diff = float(np.abs(got[:len(want)] - want).max())
-    plan_s = statistics.median(_seconds(lambda: plan_vision_inputs(pixels, grid, config)) for _ in range(args.iters))
+    plan_s = statistics.median(_seconds(lambda: plan_vision_inputs(pixels, grid, config)) for _ in range(iters))
     # Interleaved, so that load from other processes on a shared machine hits both sides alike.
-    pairs = [(_seconds(ours), _seconds(theirs)) for _ in range(args.iters)]
+    pairs = [(_seconds(ours), _seconds(theirs)) for _ in range(iters)]
     ours_s = statistics.median(p[0] for p in pairs)
     theirs_s = statistics.median(p[1] for p in pairs)
     gflop = sum(tower_gflop(config, grid))
     gemm = gemm_gflops(patches, config, device)
     result = {
-        "benchmark": "vision_tower", "images": args.images, "image_size": args.size, "patches": patches,
+        "benchmark": "vision_tower", "images": images, "image_size": image_size, "patches": patches,
         "dtype": "float32", "threads": threads, "backend": jax.default_backend(), "torch_device": device,
-        "jax_images_per_s": round(args.images / ours_s, 2), "torch_images_per_s": round(args.images / theirs_s, 2),
+        "jax_images_per_s": round(images / ours_s, 2), "torch_images_per_s": round(images / theirs_s, 2),
         "speedup": round(theirs_s / ours_s, 2), "gflop": round(gflop, 1),
         "jax_gflops": round(gflop / ours_s, 1), "torch_gflops": round(gflop / theirs_s, 1),
         "gemm_gflops": round(gemm, 1), "speedup_ceiling": round(theirs_s * gemm / gflop, 2),
         "jax_host_plan_ms": round(1e3 * plan_s, 2), "jax_compile_s": round(compile_s, 1), "max_abs_diff": max_abs_diff,
     }
-    print(f"ours {ours_s * 1e3:.1f} ms, transformers {theirs_s * 1e3:.1f} ms for {args.images} images; "
-          f"{gflop:.0f} GFLOP: {gflop / ours_s:.1f} vs {gflop / theirs_s:.1f} GFLOP/s, plain matmul {gemm:.1f} GFLOP/s, "
-          f"speedup ceiling at that rate {theirs_s * gemm / gflop:.2f}x")
+    print(f"ours {ours_s * 1e3:.1f} ms, transformers {theirs_s * 1e3:.1f} ms for {images} images; "
+          f"{gflop:.0f} GFLOP: {gflop / ours_s:.1f} vs {gflop / theirs_s:.1f} GFLOP/s, "
+          f"plain matmul {gemm:.1f} GFLOP/s, speedup ceiling at that rate {theirs_s * gemm / gflop:.2f}x")
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
