@@ -19,6 +19,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+
+def _lookup(registry: dict, name: str, what: str):
+    """registry[name], or a ValueError naming the valid keys."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; valid: {sorted(registry)}")
+    return registry[name]
+
+
 # ------------------------------------------------------------------------------------------- advantages
 
 
@@ -79,12 +87,6 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[[jax.Array, str, float], jax.Array]] = 
     "dr_grpo": _dr_grpo_advantages,
     "rloo": _rloo_advantages,
 }
-
-
-def _lookup(registry: dict, name: str, what: str):
-    if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; valid: {sorted(registry)}")
-    return registry[name]
 
 
 def group_advantages(rewards: jax.Array, num_generations: int, *, estimator: str = "grpo",

@@ -48,6 +48,13 @@ def test_tied_rewards_give_zero_advantages_not_nan(estimator, scale):
     np.testing.assert_array_equal(got, np.zeros((1, 4)))
 
 
+def test_advantages_from_the_config():
+    config = get_grpo_config()
+    config.update(num_generations=3, advantage_estimator="rloo", scale_rewards="none")
+    np.testing.assert_allclose(grpo.grpo_advantages(jnp.array(REWARDS).reshape(-1), config),
+                               np.reshape(HAND_ADVANTAGES[("rloo", "none")], -1), rtol=1e-6)
+
+
 def test_advantage_options_are_checked():
     with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'.*\['dr_grpo', 'grpo', 'rloo'\]"):
         grpo.group_advantages(jnp.zeros(4), 2, estimator="ppo")
