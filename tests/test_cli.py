@@ -93,19 +93,42 @@ def test_user_mistakes_are_one_line(command, args, code, fragment):
     _assert_one_line_error(_run(["command.py", *args], cwd=command), "command", code, fragment)
 
 
-@pytest.mark.parametrize("module, args, code, fragment", [
-    ("m2io_jax.retrieval.recall", ["--dataset", "nosuch"], 1, "no dataset 'nosuch' in "),
-    ("m2io_jax.retrieval.recall", ["--dataset=demo_web", "--config.retrieval.topk=3"], 2, "retrieval.top_k"),
-    ("m2io_jax.retrieval.recall", ["--config.data_dir=/nonexistent"], 1, "config.data_dir=/nonexistent: no such directory"),
-    ("m2io_jax.retrieval.recall", ["--dataset=demo_web", "--split=dev"], 2, "--split"),
-    ("m2io_jax.data.tfds_builder", ["--builder_config=nosuch", "--data_dir=/tmp/x"], 1, "--builder_config=nosuch: unknown"),
-    ("m2io_jax.data.tfds_builder", ["--builder_config=recipe_qa", "--data_dir=/tmp/x"], 1, "needs --manual_dir"),
-    ("m2io_jax.data.tfds_builder", ["--config=demo_web_qa", "--data_dir=/tmp/x"], 2, "Unknown command line flag 'config'"),
-    ("m2io_jax.data.tfds_builder", [], 2, "missing required flags: --builder_config, --data_dir"),
-    ("m2io_jax.data.demo.generate", ["somewhere"], 2, "unexpected arguments ['somewhere']"),
-    ("m2io_jax.evaluate", ["--predictions=p.jsonl"], 2, "missing required flags: --data"),
-    ("m2io_jax.evaluate", ["--predictions=/nonexistent/p.jsonl", "--data=/tmp", "--nobertscore"], 1, "/nonexistent/p.jsonl"),
-])
+@pytest.mark.parametrize(
+    "module, args, code, fragment",
+    [
+        ("m2io_jax.retrieval.recall", ["--dataset", "nosuch"], 1, "no dataset 'nosuch' in "),
+        ("m2io_jax.retrieval.recall", ["--dataset=demo_web", "--config.retrieval.topk=3"], 2, "retrieval.top_k"),
+        (
+            "m2io_jax.retrieval.recall",
+            ["--config.data_dir=/nonexistent"],
+            1,
+            "config.data_dir=/nonexistent: no such directory",
+        ),
+        ("m2io_jax.retrieval.recall", ["--dataset=demo_web", "--split=dev"], 2, "--split"),
+        (
+            "m2io_jax.data.tfds_builder",
+            ["--builder_config=nosuch", "--data_dir=/tmp/x"],
+            1,
+            "--builder_config=nosuch: unknown",
+        ),
+        ("m2io_jax.data.tfds_builder", ["--builder_config=recipe_qa", "--data_dir=/tmp/x"], 1, "needs --manual_dir"),
+        (
+            "m2io_jax.data.tfds_builder",
+            ["--config=demo_web_qa", "--data_dir=/tmp/x"],
+            2,
+            "Unknown command line flag 'config'",
+        ),
+        ("m2io_jax.data.tfds_builder", [], 2, "missing required flags: --builder_config, --data_dir"),
+        ("m2io_jax.data.demo.generate", ["somewhere"], 2, "unexpected arguments ['somewhere']"),
+        ("m2io_jax.evaluate", ["--predictions=p.jsonl"], 2, "missing required flags: --data"),
+        (
+            "m2io_jax.evaluate",
+            ["--predictions=/nonexistent/p.jsonl", "--data=/tmp", "--nobertscore"],
+            1,
+            "/nonexistent/p.jsonl",
+        ),
+    ],
+)
 def test_commands_report_user_mistakes_in_one_line(module, args, code, fragment):
     _assert_one_line_error(_run(["-m", module, *args]), module.rsplit(".", 1)[1], code, fragment)
 
@@ -116,3 +139,12 @@ def test_unknown_override_message_names_closest_keys():
     assert cli.unknown_override_message(config, "split.sallt") == (
         "--config.split.sallt: no such config key; closest valid keys: split.salt, split.validation, split.test")
     assert "valid keys: candidates, candidates.max_images" in cli.unknown_override_message(config, "zzz")
+
+
+def test_experiment_configs_build_on_the_package_default():
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    default = data_config.get_config()
+    assert cli.load_config(os.path.join(configs, "demo.py")).to_dict() == default.to_dict()
+    mramg = cli.load_config(os.path.join(configs, "mramg.py") + ":/data/MRAMG")
+    assert mramg.data_dir == "/data/MRAMG" and mramg.datasets == ("wit", "wiki", "web", "arxiv", "recipe", "manual")
+    assert mramg.retrieval.to_dict() == default.retrieval.to_dict() and mramg.split.to_dict() == default.split.to_dict()

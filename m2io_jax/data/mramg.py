@@ -232,7 +232,9 @@ def _jsonl(path: str, problems: _Problems) -> Iterator[tuple[int, Any]]:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 problems.report.skipped_lines += 1
-                problems.add("malformed_json", path, lineno, f"invalid JSON ({e.msg} at column {e.colno}); line skipped")
+                problems.add(
+                    "malformed_json", path, lineno, f"invalid JSON ({e.msg} at column {e.colno}); line skipped"
+                )
 
 
 def _read_documents(path: str, name: str, problems: _Problems) -> tuple[dict[str, Document], dict[str, int]]:
@@ -246,17 +248,24 @@ def _read_documents(path: str, name: str, problems: _Problems) -> tuple[dict[str
         else:
             problems.report.skipped_lines += 1
             problems.add(
-                "bad_document", path, lineno,
-                f"expected [id, content, images_list] or an object with those keys, found {_preview(value)}; line skipped",
+                "bad_document",
+                path,
+                lineno,
+                f"expected [id, content, images_list] or an object with those keys, found {_preview(value)}; "
+                "line skipped",
             )
             continue
         if not isinstance(content, str) or not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             problems.report.skipped_lines += 1
-            problems.add("bad_document", path, lineno, "content must be a string and images_list a list of strings; line skipped")
+            problems.add(
+                "bad_document", path, lineno, "content must be a string and images_list a list of strings; line skipped"
+            )
             continue
         doc_id = str(doc_id)
         if doc_id in documents:
-            problems.add("duplicate_id", path, lineno, f"document id {doc_id!r} repeats an earlier line; this line is ignored")
+            problems.add(
+                "duplicate_id", path, lineno, f"document id {doc_id!r} repeats an earlier line; this line is ignored"
+            )
             continue
         num_pics = len(sentences_lib.PIC_RE.findall(content))
         if num_pics != len(images):
@@ -278,7 +287,9 @@ def _read_images(path: str, root: str, name: str, problems: _Problems, check_ima
         problems.add("malformed_json", path, e.lineno, f"invalid JSON ({e.msg}); no image metadata read")
         return {}
     if not isinstance(raw, dict):
-        problems.add("bad_images_info", path, 0, f"expected an object {{image_name: {{...}}}}, found {type(raw).__name__}")
+        problems.add(
+            "bad_images_info", path, 0, f"expected an object {{image_name: {{...}}}}, found {type(raw).__name__}"
+        )
         return {}
     bases = image_base_dirs(root, name)
     key_line = _key_lines(text)
@@ -286,7 +297,9 @@ def _read_images(path: str, root: str, name: str, problems: _Problems, check_ima
     for image_name, entry in raw.items():
         line = key_line.get(image_name, 0)
         if not isinstance(entry, dict):
-            problems.add("bad_images_info", path, line, f"image {image_name!r}: expected an object, found {_preview(entry)}")
+            problems.add(
+                "bad_images_info", path, line, f"image {image_name!r}: expected an object, found {_preview(entry)}"
+            )
             continue
         caption = entry.get("image_caption")
         if not isinstance(caption, str):
@@ -352,7 +365,9 @@ def _read_questions(path: str, name: str, problems: _Problems) -> tuple[list[Que
         if not isinstance(value, dict) or any(k not in value for k in required):
             missing = [k for k in required if not isinstance(value, dict) or k not in value]
             problems.report.skipped_lines += 1
-            problems.add("bad_question", path, lineno, f"missing keys {missing} (found {_preview(value)}); line skipped")
+            problems.add(
+                "bad_question", path, lineno, f"missing keys {missing} (found {_preview(value)}); line skipped"
+            )
             continue
         provenance = value["provenance"]
         if not isinstance(provenance, list):
@@ -368,10 +383,14 @@ def _read_questions(path: str, name: str, problems: _Problems) -> tuple[list[Que
             continue
         qid = str(value["id"])
         if qid in seen:
-            problems.add("duplicate_id", path, lineno, f"question id {qid!r} repeats an earlier line; this line is ignored")
+            problems.add(
+                "duplicate_id", path, lineno, f"question id {qid!r} repeats an earlier line; this line is ignored"
+            )
             continue
         seen.add(qid)
-        q = Question(qid, value["question"], tuple(str(p) for p in provenance), value["ground_truth"], tuple(images), name)
+        q = Question(
+            qid, value["question"], tuple(str(p) for p in provenance), value["ground_truth"], tuple(images), name
+        )
         questions.append(_with_anchors(q, path, lineno, problems))
         lines.append(lineno)
     return questions, lines
@@ -403,8 +422,11 @@ def _with_anchors(q: Question, path: str, lineno: int, problems: _Problems) -> Q
         )
         if len(marked.markers) != len(q.images):
             problems.add(
-                "answer_marker_mismatch", path, lineno,
-                f"question {q.id}: {len(marked.markers)} image markers in ground_truth but {len(q.images)} in images_list; "
+                "answer_marker_mismatch",
+                path,
+                lineno,
+                f"question {q.id}: {len(marked.markers)} image markers in ground_truth but {len(q.images)} "
+                "in images_list; "
                 "anchors kept for the first min(...) images",
             )
         anchors = tuple(
@@ -425,7 +447,9 @@ def _with_anchors(q: Question, path: str, lineno: int, problems: _Problems) -> Q
     if form == FORM_NO_IMAGES:  # stray markers without gold images: the answer text drops them
         for marker_re in (sentences_lib.PIC_RE, sentences_lib.IMG_RE):
             if marker_re.search(q.ground_truth):
-                return dataclasses.replace(q, marker_form=form, answer=sentences_lib.locate_markers(q.ground_truth, marker_re).text)
+                return dataclasses.replace(
+                    q, marker_form=form, answer=sentences_lib.locate_markers(q.ground_truth, marker_re).text
+                )
     return dataclasses.replace(q, marker_form=form, answer=q.ground_truth)
 
 
@@ -471,14 +495,29 @@ def load_dataset(root: str, name: str, *, strict: bool = False, check_images: bo
     for doc in documents.values():
         for image in doc.images:
             if image not in images:
-                problems.add("unknown_image", paths["documents"], doc_lines[doc.id], f"document {doc.id}: image {image!r} has no images_info entry")
+                problems.add(
+                    "unknown_image",
+                    paths["documents"],
+                    doc_lines[doc.id],
+                    f"document {doc.id}: image {image!r} has no images_info entry",
+                )
     for q, lineno in zip(questions, lines):
         for doc_id in q.provenance:
             if doc_id not in documents:
-                problems.add("unknown_document", paths["questions"], lineno, f"question {q.id}: provenance document {doc_id!r} not found")
+                problems.add(
+                    "unknown_document",
+                    paths["questions"],
+                    lineno,
+                    f"question {q.id}: provenance document {doc_id!r} not found",
+                )
         for image in q.images:
             if image not in images:
-                problems.add("unknown_image", paths["questions"], lineno, f"question {q.id}: gold image {image!r} has no images_info entry")
+                problems.add(
+                    "unknown_image",
+                    paths["questions"],
+                    lineno,
+                    f"question {q.id}: gold image {image!r} has no images_info entry",
+                )
 
     forms = collections.Counter(q.marker_form for q in questions)
     report.marker_forms = dict(sorted(forms.items()))

@@ -55,7 +55,10 @@ class MramgConfig(tfds.core.BuilderConfig):
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
         kwargs.setdefault("name", f"{dataset}_{kind}")
-        kwargs.setdefault("description", f"MRAMG-format dataset {dataset!r}: {'questions' if kind == 'qa' else 'documents with images'}")
+        kwargs.setdefault(
+            "description",
+            f"MRAMG-format dataset {dataset!r}: {'questions' if kind == 'qa' else 'documents with images'}",
+        )
         super().__init__(**kwargs)
         self.dataset = dataset
         self.kind = kind
@@ -122,7 +125,11 @@ class Mramg(tfds.core.GeneratorBasedBuilder):
         if config.kind == "qa":
             present = [s for s in splits_lib.SPLITS if s in question_split.values()]
             if len(present) < len(splits_lib.SPLITS):
-                logging.warning("%s: splits %s are empty and not written", config.dataset, sorted(set(splits_lib.SPLITS) - set(present)))
+                logging.warning(
+                    "%s: splits %s are empty and not written",
+                    config.dataset,
+                    sorted(set(splits_lib.SPLITS) - set(present)),
+                )
             return {split: self._generate_examples(ds, question_split, split) for split in present}
         return {"corpus": self._generate_examples(ds, doc_split, None)}
 
@@ -139,7 +146,9 @@ class Mramg(tfds.core.GeneratorBasedBuilder):
             missing += len(set(doc.images)) - len(example["images"])
             yield doc.id, example
         if missing:
-            logging.warning("%s: %d images of images_list have no readable file (see the reader's report)", ds.name, missing)
+            logging.warning(
+                "%s: %d images of images_list have no readable file (see the reader's report)", ds.name, missing
+            )
 
 
 def _question_example(q: mramg.Question) -> dict:

@@ -74,7 +74,9 @@ def _sentence_units(content: str, images: Sequence[str]) -> list[tuple[str, tupl
     return units
 
 
-def _split_long(text: str, names: tuple[str, ...], max_tokens: int, length_fn: LengthFn) -> list[tuple[str, tuple[str, ...]]]:
+def _split_long(
+    text: str, names: tuple[str, ...], max_tokens: int, length_fn: LengthFn
+) -> list[tuple[str, tuple[str, ...]]]:
     """Cuts one over-long sentence on word boundaries; its images go with the last piece."""
     words = sentences_lib.PIC_RE.sub("", text).split()
     pieces: list[str] = []

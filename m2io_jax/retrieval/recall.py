@@ -116,13 +116,16 @@ def run(config: ml_collections.ConfigDict, dataset: str, split: str | None = Non
 def report(result: dict) -> str:
     """Three readable lines and the JSON line of one dataset's `run` result."""
     k = result["k"]
-    return "\n".join([
-        f"{result['dataset']} ({result['split']}): {result['questions']} questions, {result['chunks']} chunks "
-        f"of {result['documents']} documents",
-        f"visual recall@{k}: {result['visual_recall']:.4f} over {result['questions_with_images']} questions with images",
-        f"doc recall@{k}: {result['doc_recall']:.4f}   chunk recall@{k}: {result['chunk_recall']:.4f}",
-        json.dumps(result),
-    ])
+    return "\n".join(
+        [
+            f"{result['dataset']} ({result['split']}): {result['questions']} questions, {result['chunks']} chunks "
+            f"of {result['documents']} documents",
+            f"visual recall@{k}: {result['visual_recall']:.4f} over {result['questions_with_images']} questions "
+            "with images",
+            f"doc recall@{k}: {result['doc_recall']:.4f}   chunk recall@{k}: {result['chunk_recall']:.4f}",
+            json.dumps(result),
+        ]
+    )
 
 
 def main(argv: Sequence[str]) -> None:

@@ -14,10 +14,34 @@ DOCS = [
     [2, "A blue boat floats on the sea.<PIC> Fishermen use it daily.", ["wit_c"]],
 ]
 QUESTIONS = [
-    {"id": "q1", "question": "What colour is the kite?", "provenance": [1], "ground_truth": "The kite is red.<PIC> It flies high.", "images_list": ["wit_a"]},
-    {"id": "q2", "question": "Describe the boat.", "provenance": [2], "ground_truth": "The boat is blue.<PIC>", "images_list": ["wit_c"]},
-    {"id": "q3", "question": "Who uses the boat?", "provenance": [2], "ground_truth": "Fishermen use it daily.", "images_list": []},
-    {"id": "q4", "question": "Kite and tree?", "provenance": [1], "ground_truth": "A red kite.<PIC> An old tree.<PIC>", "images_list": ["wit_a", "wit_b"]},
+    {
+        "id": "q1",
+        "question": "What colour is the kite?",
+        "provenance": [1],
+        "ground_truth": "The kite is red.<PIC> It flies high.",
+        "images_list": ["wit_a"],
+    },
+    {
+        "id": "q2",
+        "question": "Describe the boat.",
+        "provenance": [2],
+        "ground_truth": "The boat is blue.<PIC>",
+        "images_list": ["wit_c"],
+    },
+    {
+        "id": "q3",
+        "question": "Who uses the boat?",
+        "provenance": [2],
+        "ground_truth": "Fishermen use it daily.",
+        "images_list": [],
+    },
+    {
+        "id": "q4",
+        "question": "Kite and tree?",
+        "provenance": [1],
+        "ground_truth": "A red kite.<PIC> An old tree.<PIC>",
+        "images_list": ["wit_a", "wit_b"],
+    },
 ]
 COLOURS = {"wit_a": (200, 0, 0), "wit_b": (0, 160, 0), "wit_c": (0, 0, 200)}
 
@@ -51,7 +75,9 @@ def write_mramg(
     info = {}
     for image_name in sorted({i for d in docs for i in d[2]}):
         rel = f"{image_name}.jpg"
-        Image.new("RGB", (16, 12), COLOURS.get(image_name, (90, 90, 90))).save(os.path.join(image_dir, rel), format="JPEG")
+        Image.new("RGB", (16, 12), COLOURS.get(image_name, (90, 90, 90))).save(
+            os.path.join(image_dir, rel), format="JPEG"
+        )
         info[image_name] = {"image_caption": f"caption of {image_name}", "image_path": rel, "image_url": "http://x"}
     with open(os.path.join(info_dir, f"{name}_imgs_collection.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)

@@ -33,9 +33,13 @@ def test_regeneration_is_deterministic_and_matches_committed(tmp_path):
     for rel, path in files_a.items():
         assert _digest(path) == _digest(files_b[rel]), rel
         if rel.endswith(".png"):  # PNG bytes may differ with the zlib build; pixels may not
-            np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(committed[rel])), err_msg=rel)
+            np.testing.assert_array_equal(
+                np.asarray(Image.open(path)), np.asarray(Image.open(committed[rel])), err_msg=rel
+            )
         else:
-            assert _digest(path) == _digest(committed[rel]), f"{rel}: regenerate with python -m m2io_jax.data.demo.generate"
+            assert _digest(path) == _digest(committed[rel]), (
+                f"{rel}: regenerate with python -m m2io_jax.data.demo.generate"
+            )
 
 
 def test_demo_is_clean_and_varied():

@@ -66,7 +66,9 @@ def test_demo_builds_and_reads_back(tmp_path, name):
     tfds_builder.prepare(f"{name}_qa", data_dir=data_dir)
     tfds_builder.prepare(f"{name}_corpus", data_dir=data_dir)
     questions, documents = DEMO_COUNTS[name]
-    assert {s: len(tfds.data_source(f"mramg/{name}_qa", data_dir=data_dir, split=s)) for s in splits_lib.SPLITS} == questions
+    assert {
+        s: len(tfds.data_source(f"mramg/{name}_qa", data_dir=data_dir, split=s)) for s in splits_lib.SPLITS
+    } == questions
     corpus = tfds.data_source(f"mramg/{name}_corpus", data_dir=data_dir, split="corpus")
     assert len(corpus) == documents
     ex = corpus[0]

@@ -41,8 +41,14 @@ def test_deterministic_across_processes_and_hash_seeds(tmp_path):
     outputs = []
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        run = subprocess.run([sys.executable, "-c", _SPLIT_IN_SUBPROCESS, str(questions)], capture_output=True, text=True,
-                             check=True, env=env, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-c", _SPLIT_IN_SUBPROCESS, str(questions)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            timeout=120,
+        )
         outputs.append(run.stdout)
     assert outputs[0] == outputs[1]
     question_split, doc_split = json.loads(outputs[0])

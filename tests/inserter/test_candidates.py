@@ -1,4 +1,5 @@
-"""Candidates (m2io_jax.inserter.candidates): <imgN> numbering by first appearance, captions, gold ids, cap, missed-gold policy."""
+"""Candidates (m2io_jax.inserter.candidates): <imgN> numbering by first appearance, captions, gold ids, cap,
+missed-gold policy, and the config's candidates section."""
 
 import pytest
 

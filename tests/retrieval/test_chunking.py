@@ -12,7 +12,9 @@ def _doc(content, images):
 
 
 def test_images_follow_their_markers_across_chunks():
-    content = " ".join(f"Sentence number {i} is here.<PIC>" if i % 3 == 0 else f"Sentence number {i} is here." for i in range(30))
+    content = " ".join(
+        f"Sentence number {i} is here.<PIC>" if i % 3 == 0 else f"Sentence number {i} is here." for i in range(30)
+    )
     images = [f"im{i}" for i in range(0, 30, 3)]
     chunks = chunking.chunk_document(_doc(content, images), max_tokens=40)
     assert len(chunks) > 3

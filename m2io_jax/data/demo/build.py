@@ -15,7 +15,8 @@ Three datasets, each `doc_{name}.jsonl` (array form), `{name}_mqa.jsonl`,
                images, in order), what the finished dish looks like (1), which ingredients go in (1; half the
                recipes) or how long it cooks (no image; the other half).
   demo_manual  12 device manuals (assembly, safety, use, cleaning, troubleshooting and warranty sections;
-               14 images each, two or more 256-token chunks per manual). Questions: how to assemble it (4 images in order),
+               14 images each, two or more 256-token chunks per manual). Questions: how to assemble it (4 images in
+               order),
                how to switch it on (2), how to clean it (3 of the section's 4 images), what a red light means
                (1), what is in the box (2), how long the warranty lasts (no image). Within a manual, the
                other sections' pictures are the distractors.
@@ -97,7 +98,9 @@ class _Writer:
             for q in self.questions:
                 f.write(json.dumps(q, ensure_ascii=False) + "\n")
         os.makedirs(os.path.join(self.out, "images_info"), exist_ok=True)
-        with open(os.path.join(self.out, "images_info", f"{self.name}_imgs_collection.json"), "w", encoding="utf-8") as f:
+        with open(
+            os.path.join(self.out, "images_info", f"{self.name}_imgs_collection.json"), "w", encoding="utf-8"
+        ) as f:
             json.dump(self.images, f, ensure_ascii=False, indent=1, sort_keys=True)
             f.write("\n")
 
@@ -277,7 +280,9 @@ def draw_icon(kind: str, c=(31, 119, 180)) -> Image.Image:
 def _town_names(rng: random.Random, n: int) -> list[str]:
     names: list[str] = []
     while len(names) < n:
-        name = "".join(rng.sample(SYLLABLES, 2)).capitalize() + rng.choice(("ton", "by", "mere", "ford", "wick", "haven"))
+        name = "".join(rng.sample(SYLLABLES, 2)).capitalize() + rng.choice(
+            ("ton", "by", "mere", "ford", "wick", "haven")
+        )
         if name not in names:
             names.append(name)
     return names
@@ -295,7 +300,9 @@ def build_web(rng: random.Random, out: str) -> _Writer:
             colour = rng.choice(list(COLOURS))
             scene = rng.choice(list(SCENES))
             year = rng.randrange(1820, 2015)
-            maker = rng.choice(("a local carpenter", "the town council", "a travelling artist", "two sisters", "the school children"))
+            maker = rng.choice(
+                ("a local carpenter", "the town council", "a travelling artist", "two sisters", "the school children")
+            )
             where, _, _ = SCENES[scene]
             name = w.image(f"web_{doc_id}", f"A {colour} {obj} {where}.", draw_landmark(obj, colour, scene))
             look = f"The {obj} is painted {colour} and stands {where}."
@@ -363,23 +370,36 @@ def build_recipe(rng: random.Random, out: str) -> _Writer:
                           draw_recipe_step("bowl", cols, 2))
         img_add = w.image(f"{pref}_add", f"All the ingredients of the {dish} together in the bowl.",
                           draw_recipe_step("bowl", cols, 4))
-        img_cook = w.image(f"{pref}_cook", f"The {dish} cooking ({verb}) {'in the oven' if method == 'oven' else 'on the stove' if method == 'pan' else 'in the bowl'}.",
-                           draw_recipe_step(method if method != "bowl" else "toss", cols, 4))
+        img_cook = w.image(
+            f"{pref}_cook",
+            f"The {dish} cooking ({verb}) "
+            f"{'in the oven' if method == 'oven' else 'on the stove' if method == 'pan' else 'in the bowl'}.",
+            draw_recipe_step(method if method != "bowl" else "toss", cols, 4),
+        )
         img_done = w.image(f"{pref}_served", f"The finished {title} on a plate with {garnish}.",
                            draw_recipe_step("plate", cols_g))
         img_var = w.image(f"{pref}_variant", f"A plain serving of {dish} with a glass of water.",
                           draw_recipe_step("variant", cols))
-        cook_place = {"oven": "in a hot oven", "pan": "in a pan over medium heat", "bowl": "gently with two spoons"}[method]
-        w.doc(doc_id, [
-            (f"This is the family recipe for {title}, a {FLAVOURS[flavour]} {dish} from the village of {cooks[n]}.", []),
-            (f"You need {flavour}, {extras[0]}, {extras[1]} and {extras[2]}.", [img_ing]),
-            (f"Start by combining the {flavour} with the {extras[0]} in a large bowl.", [img_mix]),
-            (f"Add the {extras[1]} and the {extras[2]} and mix everything well.", [img_add]),
-            (f"{verb.capitalize()} the mixture {cook_place} for {minutes} minutes.", [img_cook]),
-            (f"Serve the {dish} on a warm plate and top it with {garnish}.", [img_done]),
-            ("Some people prefer it plain, with just a glass of water on the side.", [img_var]),
-            (f"Leftover {dish} keeps for two days in the fridge.", []),
-        ])
+        cook_place = {"oven": "in a hot oven", "pan": "in a pan over medium heat", "bowl": "gently with two spoons"}[
+            method
+        ]
+        w.doc(
+            doc_id,
+            [
+                (
+                    f"This is the family recipe for {title}, a {FLAVOURS[flavour]} {dish} "
+                    f"from the village of {cooks[n]}.",
+                    [],
+                ),
+                (f"You need {flavour}, {extras[0]}, {extras[1]} and {extras[2]}.", [img_ing]),
+                (f"Start by combining the {flavour} with the {extras[0]} in a large bowl.", [img_mix]),
+                (f"Add the {extras[1]} and the {extras[2]} and mix everything well.", [img_add]),
+                (f"{verb.capitalize()} the mixture {cook_place} for {minutes} minutes.", [img_cook]),
+                (f"Serve the {dish} on a warm plate and top it with {garnish}.", [img_done]),
+                ("Some people prefer it plain, with just a glass of water on the side.", [img_var]),
+                (f"Leftover {dish} keeps for two days in the fridge.", []),
+            ],
+        )
         w.question(rng.choice((f"How do I make the {title}?", f"What are the steps to cook {title}?")), [doc_id], [
             (f"Combine the {flavour} and the {extras[0]} in a large bowl.", [img_mix]),
             (f"Then add the {extras[1]} and the {extras[2]} and mix well.", [img_add]),
@@ -402,14 +422,33 @@ def build_recipe(rng: random.Random, out: str) -> _Writer:
 
 
 DEVICES = {
-    "desk lamp": ("base", "stem", "arm", "shade"), "electric kettle": ("base plate", "body", "handle", "lid"),
-    "air purifier": ("stand", "housing", "filter", "top grille"), "coffee grinder": ("base", "motor unit", "burr", "hopper"),
-    "bookshelf": ("plinth", "bottom shelf", "middle shelf", "top board"), "ceiling fan": ("mount", "motor", "blade hub", "light cover"),
-    "humidifier": ("base", "tank", "mist nozzle", "cap"), "printer": ("tray", "body", "ink cartridge", "cover"),
-    "blender": ("motor base", "jug", "blade", "lid"), "vacuum cleaner": ("floor head", "tube", "dust bin", "handle"),
-    "bird feeder": ("pole", "tray", "seed tube", "roof"), "water filter": ("stand", "lower tank", "cartridge", "upper tank"),
+    "desk lamp": ("base", "stem", "arm", "shade"),
+    "electric kettle": ("base plate", "body", "handle", "lid"),
+    "air purifier": ("stand", "housing", "filter", "top grille"),
+    "coffee grinder": ("base", "motor unit", "burr", "hopper"),
+    "bookshelf": ("plinth", "bottom shelf", "middle shelf", "top board"),
+    "ceiling fan": ("mount", "motor", "blade hub", "light cover"),
+    "humidifier": ("base", "tank", "mist nozzle", "cap"),
+    "printer": ("tray", "body", "ink cartridge", "cover"),
+    "blender": ("motor base", "jug", "blade", "lid"),
+    "vacuum cleaner": ("floor head", "tube", "dust bin", "handle"),
+    "bird feeder": ("pole", "tray", "seed tube", "roof"),
+    "water filter": ("stand", "lower tank", "cartridge", "upper tank"),
 }
-BRANDS = ("Aurora", "Brightly", "Cobalt", "Dawnfield", "Everline", "Fjordic", "Glimmer", "Harbin", "Iskra", "Juniper", "Kestrel", "Lumo")
+BRANDS = (
+    "Aurora",
+    "Brightly",
+    "Cobalt",
+    "Dawnfield",
+    "Everline",
+    "Fjordic",
+    "Glimmer",
+    "Harbin",
+    "Iskra",
+    "Juniper",
+    "Kestrel",
+    "Lumo",
+)
 
 
 def build_manual(rng: random.Random, out: str) -> _Writer:
@@ -423,7 +462,11 @@ def build_manual(rng: random.Random, out: str) -> _Writer:
         warranty = rng.choice((1, 2, 3, 5))
         pref = f"man_{doc_id}"
         body = COLOURS[colours[1]]
-        img_box = w.image(f"{pref}_contents", f"Package contents of the {title}: {', '.join(parts)}.", draw_device(coloured, 4, None, exploded=True))
+        img_box = w.image(
+            f"{pref}_contents",
+            f"Package contents of the {title}: {', '.join(parts)}.",
+            draw_device(coloured, 4, None, exploded=True),
+        )
         img_warn = w.image(f"{pref}_warning", f"Warning label on the {title}.", draw_icon("warning"))
         steps = [w.image(f"{pref}_step{i + 1}", f"Assembly step {i + 1}: the {colours[i]} {parts[i]} of the {title}.",
                          draw_device(coloured, i + 1, i)) for i in range(4)]
@@ -435,13 +478,18 @@ def build_manual(rng: random.Random, out: str) -> _Writer:
         ))]
         img_red = w.image(f"{pref}_redlight", f"The red indicator light of the {title}.", draw_icon("light_red", body))
         img_done = w.image(f"{pref}_assembled", f"The fully assembled {title}.", draw_device(coloured, 4, None))
-        img_power = w.image(f"{pref}_power", f"The power button on the {parts[1]} of the {title}.", draw_icon("power", body))
+        img_power = w.image(
+            f"{pref}_power", f"The power button on the {parts[1]} of the {title}.", draw_icon("power", body)
+        )
         img_dial = w.image(f"{pref}_dial", f"The setting dial of the {title}.", draw_icon("dial", body))
         setting = rng.choice(("low", "medium", "high", "eco", "night"))
         sentences = [
             (f"Thank you for choosing the {title}.", []),
             (f"Please read this manual before you use the {device} for the first time.", [img_warn]),
-            (f"The box of the {title} contains the {parts[0]}, the {parts[1]}, the {parts[2]} and the {parts[3]}.", [img_box]),
+            (
+                f"The box of the {title} contains the {parts[0]}, the {parts[1]}, the {parts[2]} and the {parts[3]}.",
+                [img_box],
+            ),
             (f"Assembly of the {title}.", []),
             (f"Place the {colours[0]} {parts[0]} on a flat, dry surface.", [steps[0]]),
             (f"Fit the {colours[1]} {parts[1]} onto the {parts[0]} until it clicks.", [steps[1]]),
@@ -471,12 +519,16 @@ def build_manual(rng: random.Random, out: str) -> _Writer:
             ("The warranty does not cover damage caused by misuse.", []),
         ]
         w.doc(doc_id, sentences)
-        w.question(rng.choice((f"How do I assemble the {title}?", f"What are the assembly steps for the {title}?")), [doc_id], [
-            (f"First place the {parts[0]} on a flat, dry surface.", [steps[0]]),
-            (f"Next, fit the {parts[1]} onto the {parts[0]} until it clicks.", [steps[1]]),
-            (f"Then attach the {parts[2]} to the {parts[1]}.", [steps[2]]),
-            (f"Finally, put the {parts[3]} on top and turn it clockwise to lock it.", [steps[3]]),
-        ])
+        w.question(
+            rng.choice((f"How do I assemble the {title}?", f"What are the assembly steps for the {title}?")),
+            [doc_id],
+            [
+                (f"First place the {parts[0]} on a flat, dry surface.", [steps[0]]),
+                (f"Next, fit the {parts[1]} onto the {parts[0]} until it clicks.", [steps[1]]),
+                (f"Then attach the {parts[2]} to the {parts[1]}.", [steps[2]]),
+                (f"Finally, put the {parts[3]} on top and turn it clockwise to lock it.", [steps[3]]),
+            ],
+        )
         w.question(f"How should I clean the {title}?", [doc_id], [
             (f"Unplug the {device} first.", [clean[0]]),
             (f"Open the {parts[3]} by turning it anticlockwise.", []),
