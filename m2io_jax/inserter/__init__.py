@@ -1,3 +1,4 @@
-"""The M2IO task: what the inserter sees and produces. `candidates` numbers a question's candidate images and
-builds its context. The inserter imports retrieval, models and data below it, and never `m2io_jax.rl`.
+"""The M2IO task: what the inserter sees and produces (candidate images and context in `candidates`, the
+prompt, output formats, rewards, baselines). It imports retrieval, models and data below it, never `m2io_jax.rl`.
+Submodules are imported explicitly (e.g. `from m2io_jax.inserter import candidates`).
 """
