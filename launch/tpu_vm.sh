@@ -6,7 +6,7 @@
 #   bash launch/tpu_vm.sh create
 #   bash launch/tpu_vm.sh sync                 # copies this checkout to ~/m2io_jax on all workers
 #   bash launch/tpu_vm.sh install              # runs launch/install.sh tpu on all workers
-#   bash launch/tpu_vm.sh run "python -m m2io_jax.sampling --help"   # any command, all workers, logs kept
+#   bash launch/tpu_vm.sh run "python -c 'import jax; print(jax.device_count())'"   # any command, all workers, logs kept
 #   bash launch/tpu_vm.sh logs                 # copies ~/m2io_jax/logs from every worker to ./logs/<worker>
 #   bash launch/tpu_vm.sh delete
 # Optional: PROJECT (gcloud project), SPOT=1 (spot capacity), DATA_DIR (local MRAMG-Bench / checkpoints,

@@ -14,6 +14,11 @@ Interface used by the rest of the package:
   logits(hidden) -> [B, T, V] float32
   token_logprobs(hidden, targets) -> [B, T] float32, chunked over T: never materialises [B, T, V]
   __call__(input_ids, attention_mask=None) -> logits
+  the `CausalLM` protocol (m2io_jax.models.protocol) for the sampler and the trainer: prepare_prompts,
+  prefill, decode_step against a shared prompt prefix, completion_logprobs of G completions per prompt;
+  `prefill_embeds` / `completion_logprobs_embeds` take prompt embeddings (the VL model's, images merged in).
+
+Attention runs through `m2io_jax.models.attention`, chosen by `Qwen2Config.attention_impl`.
 
 Causality is by sequence order (cache slot order with a KV cache), never by position values, so M-RoPE's
 non-monotonic image positions need no special case.
@@ -28,13 +33,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
+from m2io_jax.models.attention import (
+    causal_segment_mask, check_attention_impl, grouped_attention, shared_prefix_attention,
+)
+from m2io_jax.models.layers import param
+from m2io_jax.models.protocol import PrefixCache, PreparedInputs, SuffixCache, left_pad
 from m2io_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -75,6 +86,7 @@ class Qwen2Config:
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
     remat: str = "none"  # one of REMAT_POLICIES
+    attention_impl: str = "xla"  # one of models.attention.ATTENTION_IMPLS
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -85,6 +97,7 @@ class Qwen2Config:
                 f"num_key_value_heads={self.num_key_value_heads}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        check_attention_impl(self.attention_impl, "Qwen2Config")
         if self.mrope_section is not None:
             object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
             if sum(self.mrope_section) != self.head_dim // 2:
@@ -217,39 +230,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_slots: jax.Array) -> jax.Array:
-    """Boolean mask [B, T, S]: key slot j is visible to query i iff j <= slot(i), same segment, not padding."""
-    causal = jnp.arange(k_segments.shape[1])[None, None, :] <= q_slots[None, :, None]  # [1, T, S]
-    same = q_segments[:, :, None] == k_segments[:, None, :]
-    return causal & same & (k_segments[:, None, :] != 0)
-
-
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, hd], k/v [B, S, KV, hd], mask [B, T, S] -> [B, T, H, hd].
-
-    Scores and softmax in float32; K/V heads are shared by H // KV query heads without being repeated.
-    """
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
-
-
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], config: Qwen2Config,
-           init: str = "normal") -> nnx.Param:
-    if init == "normal":
-        value = config.initializer_range * jax.random.normal(rngs.params(), shape, config.param_dtype)
-    elif init == "ones":
-        value = jnp.ones(shape, config.param_dtype)
-    else:
-        value = jnp.zeros(shape, config.param_dtype)
-    return nnx.Param(value, logical_axes=axes)
-
-
 class StackedLayers(nnx.Module):
     """Weights of identical layers stacked on a leading layer axis, run by `lax.scan` over `stacked()`."""
 
@@ -265,7 +245,9 @@ class DecoderLayers(StackedLayers):
         c = config
         n, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
         h, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        p = functools.partial(_param, rngs, config=c)
+        def p(shape, axes, init="normal"):
+            return param(rngs, shape, axes, c.param_dtype, init=init, std=c.initializer_range)
+
         self.input_norm = p((n, d), ("layers", "norm"), init="ones")
         self.q_proj = p((n, d, h, hd), ("layers", "embed", "heads", "head_dim"))
         self.q_bias = p((n, h, hd), ("layers", "heads", "head_dim"), init="zeros")
@@ -321,23 +303,28 @@ def decoder_layer(
     if kv is not None:
         k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))  # [B, S, KV, hd]
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-    out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=config.attention_impl)
     x = attention_residual_and_mlp(config, x, w, out)
     return constrain(x, ("batch", "length", "act_embed")), (k, v)
 
 
 class Qwen2ForCausalLM(nnx.Module):
-    """Qwen2 causal LM: token embedding, scanned decoder layers, final RMSNorm, tied or untied LM head."""
+    """Qwen2 causal LM: token embedding, scanned decoder layers, final RMSNorm, tied or untied LM head.
+
+    Implements the `CausalLM` protocol (m2io_jax.models.protocol) for the sampler and the trainer.
+    """
 
     model_type = "qwen2"
 
     def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
-        self.layers = DecoderLayers(config, rngs=rngs)
-        self.norm = _param(rngs, (config.hidden_size,), ("norm",), config, init="ones")
-        self.lm_head = None if config.tie_word_embeddings else _param(
-            rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), config)
+        c = config
+        self.embed_tokens = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype,
+                                  std=c.initializer_range)
+        self.layers = DecoderLayers(c, rngs=rngs)
+        self.norm = param(rngs, (c.hidden_size,), ("norm",), c.param_dtype, init="ones")
+        self.lm_head = None if c.tie_word_embeddings else param(
+            rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype, std=c.initializer_range)
 
     # ----------------------------------------------------------------------------------------------- inputs
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -372,7 +359,7 @@ class Qwen2ForCausalLM(nnx.Module):
         x = inputs_embeds.astype(c.dtype)
 
         if cache is None:
-            mask = attention_mask(segment_ids, segment_ids, jnp.arange(t))
+            mask = causal_segment_mask(segment_ids, segment_ids, jnp.arange(t))
 
             def step(x, w):
                 x, _ = layer(x, w, cos, sin, mask, None, None)
@@ -383,7 +370,7 @@ class Qwen2ForCausalLM(nnx.Module):
         else:
             index = cache.index
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
-            mask = attention_mask(segment_ids, cache_segments, index + jnp.arange(t))
+            mask = causal_segment_mask(segment_ids, cache_segments, index + jnp.arange(t))
 
             def step(carry, w_i):
                 x, k_all, v_all = carry
@@ -438,6 +425,138 @@ class Qwen2ForCausalLM(nnx.Module):
         _, out = jax.lax.scan(lambda _, hy: (None, one(*hy)), None, (hidden_chunks, target_chunks))
         return out.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
 
+    # ------------------------------------------------------------------------------ CausalLM protocol: host
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def prepare_prompts(self, prompts: Sequence[Sequence[int]], images: Sequence[Any] | None, *, rows: int,
+                        length: int) -> PreparedInputs:
+        """Left-padded prompts [rows, length] with RoPE positions (see `CausalLM.prepare_prompts`)."""
+        if images is not None:
+            given = [i for i, x in enumerate(images) if x is not None]
+            where = f"images[{given[0]}]" if given else "images"
+            raise ValueError(f"{where} was given but {type(self).__name__} is a text-only model")
+        ids, mask = left_pad(prompts, rows, length)
+        return PreparedInputs(ids=ids, mask=mask, positions=default_positions(mask),
+                              next_position=mask.sum(axis=-1).astype(np.int32))
+
+    def placeholder_prompts(self, batch_size: int, prompt_length: int, image_grid_thw: Any | None,
+                            ) -> tuple[list[list[int]], list[Any] | None]:
+        if image_grid_thw is not None:
+            raise ValueError(f"image_grid_thw was given but {type(self).__name__} is a text-only model")
+        return [[1] * prompt_length for _ in range(batch_size)], None
+
+    # ---------------------------------------------------------------------------- CausalLM protocol: device
+    def encode_vision(self, inputs: PreparedInputs) -> None:
+        """A text model has no vision features."""
+        return None
+
+    def prefill(self, inputs: PreparedInputs, vision_features: jax.Array | None = None,
+                ) -> tuple[jax.Array, PrefixCache]:
+        return self.prefill_embeds(self.embed(inputs.ids), inputs)
+
+    def prefill_embeds(self, embeds: jax.Array, inputs: PreparedInputs) -> tuple[jax.Array, PrefixCache]:
+        """`prefill` from prompt embeddings [B, P, D] (a VL model's, image features merged in)."""
+        b, p = inputs.ids.shape
+        hidden, cache = self.forward(embeds, positions=inputs.positions, segment_ids=inputs.mask,
+                                     cache=self.init_cache(b, p))
+        logits = jnp.einsum("bd,dv->bv", hidden[:, -1], self.lm_head_weight(), preferred_element_type=jnp.float32)
+        return logits, PrefixCache(k=cache.k, v=cache.v, mask=inputs.mask.astype(bool),
+                                   next_position=inputs.next_position)
+
+    def init_suffix_cache(self, batch_size: int, num_samples: int, length: int) -> SuffixCache:
+        c = self.config
+        shape = (c.num_hidden_layers, batch_size, num_samples, length, c.num_key_value_heads, c.head_dim)
+        zeros = constrain(jnp.zeros(shape, c.dtype), ("layers", "batch", None, "cache_length", "act_kv_heads", None))
+        return SuffixCache(k=zeros, v=zeros)
+
+    def _suffix_rope(self, next_position: jax.Array, offsets: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+        """Rotary tables [B * rows, T, hd] of tokens `offsets` [T] after each prompt (text: 3 equal M-RoPE axes)."""
+        c = self.config
+        b = next_position.shape[0]
+        positions = next_position[:, None, None] + offsets[None, None, :]  # [B, 1, T]
+        positions = jnp.broadcast_to(positions, (b, rows, offsets.shape[0])).reshape(b * rows, -1)
+        if c.mrope_section is not None:
+            positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
+        return rope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
+
+    def decode_step(self, tokens: jax.Array, prefix: PrefixCache, suffix: SuffixCache, slot: jax.Array, *,
+                    span: int) -> tuple[jax.Array, SuffixCache]:
+        """One token per row: tokens [B, G] -> logits [B, G, V] float32 (see `CausalLM.decode_step`)."""
+        c = self.config
+        b, g = tokens.shape
+        m = b * g
+        cos, sin = self._suffix_rope(prefix.next_position, slot[None], g)  # [M, 1, hd]
+        x = self.embed(tokens.reshape(m, 1))  # [M, 1, D]
+        visible = (jnp.arange(span) <= slot)[None]  # [1, span]
+
+        def layer(carry, xs):
+            x, k_all, v_all = carry
+            w, pk, pv, i = xs
+            q, k, v = project_qkv(c, x, w, cos, sin)  # [M, 1, H, hd], [M, 1, KV, hd] x2
+            new_k = k.reshape(1, b, g, 1, *k.shape[2:]).astype(k_all.dtype)
+            new_v = v.reshape(1, b, g, 1, *v.shape[2:]).astype(v_all.dtype)
+            k_all = jax.lax.dynamic_update_slice(k_all, new_k, (i, 0, 0, slot, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, new_v, (i, 0, 0, slot, 0, 0))
+            sk = jax.lax.dynamic_index_in_dim(k_all, i, axis=0, keepdims=False)[:, :, :span]  # [B, G, span, KV, hd]
+            sv = jax.lax.dynamic_index_in_dim(v_all, i, axis=0, keepdims=False)[:, :, :span]
+            q = constrain(q.reshape(b, g, 1, *q.shape[2:]), ("batch", None, None, "act_heads", None))
+            out = shared_prefix_attention(q, pk, pv, prefix.mask, sk.astype(q.dtype), sv.astype(q.dtype), visible,
+                                          impl=c.attention_impl)  # [B, G, 1, H, hd]
+            x = attention_residual_and_mlp(c, x, w, out.reshape(m, 1, *out.shape[3:]))
+            return (constrain(x, ("batch", "length", "act_embed")), k_all, v_all), None
+
+        layer_ids = jnp.arange(c.num_hidden_layers)
+        (x, k_all, v_all), _ = jax.lax.scan(
+            layer, (x, suffix.k, suffix.v), (self.layers.stacked(c.dtype), prefix.k, prefix.v, layer_ids))
+        hidden = rms_norm(x[:, 0], self.norm[...], c.rms_norm_eps)  # [M, D]
+        logits = jnp.einsum("md,dv->mv", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+        return logits.reshape(b, g, -1), SuffixCache(k=k_all, v=v_all)
+
+    def completion_logprobs(self, inputs: PreparedInputs, completions: jax.Array,
+                            vision_features: jax.Array | None = None, *, temperature: float = 1.0) -> jax.Array:
+        return self.completion_logprobs_embeds(self.embed(inputs.ids), inputs, completions, temperature=temperature)
+
+    def completion_logprobs_embeds(self, embeds: jax.Array, inputs: PreparedInputs, completions: jax.Array, *,
+                                   temperature: float = 1.0) -> jax.Array:
+        """`completion_logprobs` from prompt embeddings [B, P, D]: completions [B, G, N] -> [B, G, N] float32.
+
+        The prompt runs once (its last position predicts each completion's first token); the B * G completion
+        rows then run through every layer attending to their prompt's keys and values and, causally, to their
+        own, so a completion costs N rows instead of P + N.
+        """
+        c = self.config
+        b, g, n = completions.shape
+        first_logits, prefix = self.prefill_embeds(embeds, inputs)  # [B, V]
+        first = jax.nn.log_softmax(first_logits / temperature, axis=-1)
+        first = jnp.take_along_axis(first[:, None, :], completions[:, :, :1], axis=-1)[..., 0]  # [B, G]
+        if n == 1:
+            return first[..., None]
+        cos, sin = self._suffix_rope(prefix.next_position, jnp.arange(n), g)  # [M, N, hd]
+        x = self.embed(completions.reshape(b * g, n))  # [M, N, D]
+        causal = jnp.tril(jnp.ones((n, n), bool))
+
+        def layer(x, xs):
+            w, pk, pv = xs
+            q, k, v = project_qkv(c, x, w, cos, sin)  # [M, N, H, hd], [M, N, KV, hd] x2
+            q = constrain(q.reshape(b, g, n, *q.shape[2:]), ("batch", None, "length", "act_heads", None))
+            k, v = (a.reshape(b, g, n, *a.shape[2:]) for a in (k, v))
+            out = shared_prefix_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix.mask, k, v, causal,
+                                          impl=c.attention_impl)  # [B, G, N, H, hd]
+            x = attention_residual_and_mlp(c, x, w, out.reshape(b * g, n, *out.shape[3:]))
+            return constrain(x, ("batch", "length", "act_embed")), None
+
+        x, _ = jax.lax.scan(with_remat(layer, c.remat), x, (self.layers.stacked(c.dtype), prefix.k, prefix.v))
+        hidden = rms_norm(x, self.norm[...], c.rms_norm_eps)  # [M, N, D]
+        targets = completions.reshape(b * g, n)
+        rest = self.token_logprobs(hidden[:, :-1], targets[:, 1:], temperature=temperature)  # [M, N - 1]
+        return jnp.concatenate([first[..., None], rest.reshape(b, g, n - 1)], axis=-1)
+
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
     ) -> jax.Array:
@@ -455,6 +574,10 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.logits(hidden)
 
 
-def default_positions(attention_mask: jax.Array) -> jax.Array:
-    """Positions [B, T] for left- or right-padded rows: cumsum(mask) - 1, clamped at 0 on padding."""
-    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+def default_positions(attention_mask: Any) -> Any:
+    """Positions [B, T] for left- or right-padded rows: cumsum(mask) - 1, clamped at 0 on padding.
+
+    numpy in, numpy out (host-side prompt preparation); otherwise a jax array.
+    """
+    xp = np if isinstance(attention_mask, np.ndarray) else jnp
+    return xp.maximum(xp.cumsum(attention_mask, axis=-1) - 1, 0).astype(xp.int32)

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from m2io_jax.models.qwen2_5_vl import ModelInputs, Qwen2_5_VLConfig, num_image_tokens, prepare_inputs
+from m2io_jax.models.protocol import PreparedInputs
+from m2io_jax.models.qwen2_5_vl_config import Qwen2_5_VLConfig
+from m2io_jax.models.qwen2_5_vl_inputs import num_image_tokens, prepare_inputs
 
 IMAGE_PAD = "<|image_pad|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
 
 # The Qwen2-VL / Qwen2.5-VL chat template (used when the tokenizer and checkpoint carry none).
 DEFAULT_CHAT_TEMPLATE = (
@@ -90,12 +90,12 @@ class ProcessedBatch:
     attention_mask: np.ndarray  # [B, T] int32
     pixel_values: np.ndarray | None  # [sum(t*h*w), C*T*P*P] float32, as Qwen2VLImageProcessor returns it
     image_grid_thw: np.ndarray | None  # [num_images, 3] int64
-    model_inputs: ModelInputs  # positions [3, B, T], rope_deltas [B], vision layout, image-token index
+    model_inputs: PreparedInputs  # positions [3, B, T], next_position [B], vision layout, image-token index
 
     def hf_kwargs(self) -> dict[str, np.ndarray]:
         """Keyword arguments for transformers' Qwen2_5_VLForConditionalGeneration (convert to torch there)."""
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-               "mm_token_type_ids": (self.model_inputs.image_token_index >= 0).astype(np.int64)}
+               "mm_token_type_ids": (self.model_inputs.image_index >= 0).astype(np.int64)}
         if self.pixel_values is not None:
             out.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
         return out

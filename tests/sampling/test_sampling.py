@@ -142,6 +142,23 @@ def test_same_buckets_compile_nothing_new(tiny_qwen2):
     assert [len(t) for t in out.tokens] == [16] * 8
 
 
+def test_a_new_bucket_compiles_one_prefill_and_one_decode(tiny_qwen2):
+    """compile_counts() counts backend compilations (jax's compile events): one per program for new shapes,
+    none when the same shapes run again."""
+    path, _ = tiny_qwen2["tied_gqa"]
+    model = models.from_pretrained(path)
+    prompts = random_prompts(TINY_QWEN2["tied_gqa"]["vocab_size"], (3, 5), seed=13)
+    kwargs = dict(max_new_tokens=5, num_samples=5, temperature=1.0, buckets=sampling.Buckets(new_token_lengths=(5,)))
+    before = sampling.compile_counts()
+    sampling.generate(model, prompts, **kwargs)
+    after = sampling.compile_counts()
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in ("prefill", "decode")} == {"prefill": 1, "decode": 1}
+    sampling.generate(model, prompts, seed=3, **kwargs)
+    assert sampling.compile_counts() == after
+    with pytest.raises(ValueError, match=r"max_new_tokens=6 exceeds the largest bucket 5"):
+        sampling.generate(model, prompts, **{**kwargs, "max_new_tokens": 6})
+
+
 def test_precompile_then_generate_compiles_nothing(tiny_qwen2):
     path, _ = tiny_qwen2["untied_mha"]
     model = models.from_pretrained(path)

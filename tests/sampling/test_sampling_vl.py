@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from m2io_jax import models, sampling
-from tests.vl.helpers import MAX_PIXELS, MIN_PIXELS, random_image, tiny_hf_config, tiny_tokenizer
+from tests.models.qwen2_5_vl_helpers import MAX_PIXELS, MIN_PIXELS, random_image, tiny_hf_config, tiny_tokenizer
 
 PROMPTS = [
     ("Where does <|vision_start|><|image_pad|><|vision_end|> go?", [(56, 84)]),

@@ -11,8 +11,10 @@ from flax import nnx
 
 from m2io_jax import sharding
 from m2io_jax.models import from_pretrained, qwen2_5_vl as vl, save_pretrained
+from m2io_jax.models.qwen2_5_vl_config import Qwen2_5_VLConfig, VisionBuckets
+from m2io_jax.models.qwen2_5_vl_inputs import plan_vision_inputs
 from m2io_jax.models.hf import parameter_count
-from tests.vl.helpers import conversation, hf_logits, images_for, random_image
+from tests.models.qwen2_5_vl_helpers import conversation, hf_logits, images_for, random_image
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ QWEN2_5_VL_3B = {  # config.json of Qwen/Qwen2.5-VL-3B-Instruct (hub layout: fla
 
 
 def test_abstract_init_of_the_3b_config_counts_its_parameters():
-    config = vl.Qwen2_5_VLConfig.from_hf(QWEN2_5_VL_3B)
+    config = Qwen2_5_VLConfig.from_hf(QWEN2_5_VL_3B)
     abstract = nnx.eval_shape(lambda: vl.Qwen2_5_VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
     count = parameter_count(abstract)
     assert count == config.num_parameters
@@ -111,7 +113,7 @@ def test_image_over_the_pixel_budget_is_named(jax_model):
     pixels = np.zeros((int(grid.prod(1).sum()), config.patch_dim), np.float32)
     with pytest.raises(ValueError, match=r"image 1: grid 40x60 = 2400 patches .* over the pixel budget "
                                          r"max_image_patches=1024"):
-        vl.plan_vision_inputs(pixels, grid, config, vl.VisionBuckets(max_image_patches=1024))
+        plan_vision_inputs(pixels, grid, config, VisionBuckets(max_image_patches=1024))
 
 
 def test_input_image_over_the_input_pixel_budget_is_named(processor):
@@ -126,7 +128,7 @@ def test_no_torch_at_import_time():
     import sys
 
     code = ("import sys, m2io_jax.models.qwen2_5_vl, m2io_jax.models.qwen2_5_vl_hf, "
-            "m2io_jax.models.qwen2_5_vl_processor; assert 'torch' not in sys.modules")
+            "m2io_jax.models.qwen2_5_vl_processor, m2io_jax.sampling; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
 
 
@@ -136,7 +138,7 @@ def test_processor_max_pixels_follows_the_model_pixel_budget(tiny_checkpoint, ja
 
     from m2io_jax.models.qwen2_5_vl_processor import Qwen2_5_VLProcessor
 
-    config = dataclasses.replace(jax_model.config, buckets=vl.VisionBuckets(max_image_patches=256))
+    config = dataclasses.replace(jax_model.config, buckets=VisionBuckets(max_image_patches=256))
     lowered = Qwen2_5_VLProcessor.from_pretrained(tiny_checkpoint, config=config)
     assert lowered.image_processor.size.longest_edge == 256 * 14 * 14
     batch = lowered([conversation(1)], images=[[random_image(600, 900, 0)]])
@@ -148,7 +150,7 @@ def test_processor_max_pixels_follows_the_model_pixel_budget(tiny_checkpoint, ja
 def test_overrides_reach_the_nested_text_and_vision_configs(tiny_checkpoint):
     model = from_pretrained(tiny_checkpoint, overrides={
         "text.remat": "full", "vision.remat": "save_dots", "vision.full_attention_block_scores": 1 << 28,
-        "buckets": vl.VisionBuckets(windows=(8, 64))})
+        "buckets": VisionBuckets(windows=(8, 64))})
     assert model.language_model.config.remat == "full"
     assert model.visual.config.remat == "save_dots" and model.visual.config.full_attention_block_scores == 1 << 28
     assert model.config.buckets.windows == (8, 64)

@@ -1,10 +1,10 @@
-"""Fixtures for the Qwen2.5-VL tests: a tiny random transformers model, tokenizer and image processor on disk."""
+"""Fixtures for the Qwen2.5-VL model tests: a tiny random transformers model, tokenizer and image processor on disk."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.vl.helpers import MAX_PIXELS, MIN_PIXELS, tiny_hf_config, tiny_tokenizer
+from tests.models.qwen2_5_vl_helpers import MAX_PIXELS, MIN_PIXELS, tiny_hf_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
