@@ -32,6 +32,7 @@ FLOORS: dict[str, int] = {
     "retrieval": 3, "sampling": 3, "eval": 3,
     "inserter": 4, "rl": 4,
     "train": 5, "answer": 5, "evaluate": 5, "export": 5, "bench": 5,
+    "train_config": 5,  # train's default config: wires the data, inserter and rl sections together
 }
 NEVER_EACH_OTHER = ("inserter", "rl")
 RL_FORBIDDEN = frozenset({"data", "retrieval", "eval", "inserter"})

@@ -37,5 +37,6 @@ def test_runtime_dependencies_exclude_torch():
         project = tomllib.load(f)["project"]
     names = {re.split(r"[=<>!~\[; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
     assert "jax" in names
+    assert "jinja2" in names  # chat templates; transformers does not declare it (tests/test_runtime_install.py)
     assert not names & {"torch", "torchvision", "tensorflow", "tensorflow-cpu", "sentence-transformers"}, names
     assert "torch==2.13.0" in project["optional-dependencies"]["test"]
