@@ -42,7 +42,10 @@ import numpy as np
 from flax import nnx, struct
 
 from m2io_jax.models.attention import (
-    causal_segment_mask, check_attention_impl, grouped_attention, shared_prefix_attention,
+    causal_segment_mask,
+    check_attention_impl,
+    grouped_attention,
+    shared_prefix_attention,
 )
 from m2io_jax.models.layers import param
 from m2io_jax.models.protocol import PrefixCache, PreparedInputs, SuffixCache, left_pad

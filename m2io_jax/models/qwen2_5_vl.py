@@ -37,8 +37,8 @@ from m2io_jax.models.qwen2_5_vl_inputs import VisionInputs, prepare_inputs
 from m2io_jax.sharding import constrain
 
 
-def _vision_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any, init: str = "normal",
-           fan_in: int | None = None) -> nnx.Param:
+def _vision_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any,
+                  init: str = "normal", fan_in: int | None = None) -> nnx.Param:
     """A vision weight: truncated normal with std 1 / sqrt(fan_in) (default: the first dimension), or ones/zeros."""
     if init != "normal":
         return param(rngs, shape, axes, dtype, init=init)

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2io_jax.models import hf
+from m2io_jax.models.overrides import override_fields
 from m2io_jax.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from m2io_jax.models.qwen2_5_vl_config import Qwen2_5_VLConfig, VisionConfig
 from m2io_jax.models.qwen2_hf import check_load_dtype, text_tensor_specs
-from m2io_jax.models.overrides import override_fields
 
 
 def vision_tensor_specs(config: VisionConfig, *, prefix: str = "visual.",

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2io_jax.models import hf
-from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from m2io_jax.models.overrides import override_fields
+from m2io_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 
 
 def text_tensor_specs(

@@ -15,7 +15,6 @@ from m2io_jax.models import qwen2_5_vl as vl
 from m2io_jax.models import qwen2_5_vl_inputs as vl_inputs
 from tests.models.qwen2_5_vl_helpers import IMAGE_TOKEN_ID, conversation, hf_logits, images_for
 
-
 TOWER_GRID = np.array([[1, 20, 14], [1, 6, 8], [1, 18, 26], [2, 4, 4]])  # last: two frames, as a video would be
 
 
@@ -152,7 +151,9 @@ def test_vision_tower_gradients_with_remat_equal_without(jax_model):
     def grads(remat):
         tower = vl.VisionTower(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(1))
         nnx.update(tower, nnx.state(jax_model.visual))
-        loss = lambda t: jnp.sum(t(inputs)[:60] ** 2)  # the 60 real features (48 + 12)
+        def loss(t):
+            return jnp.sum(t(inputs)[:60] ** 2)  # the 60 real features (48 + 12)
+
         return nnx.grad(loss)(tower)
 
     plain, rematted = grads("none"), grads("full")

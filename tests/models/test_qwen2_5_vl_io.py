@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from m2io_jax import sharding
-from m2io_jax.models import from_pretrained, qwen2_5_vl as vl, save_pretrained
+from m2io_jax.models import from_pretrained, save_pretrained
+from m2io_jax.models import qwen2_5_vl as vl
+from m2io_jax.models.hf import parameter_count
 from m2io_jax.models.qwen2_5_vl_config import Qwen2_5_VLConfig, VisionBuckets
 from m2io_jax.models.qwen2_5_vl_inputs import plan_vision_inputs
-from m2io_jax.models.hf import parameter_count
 from tests.models.qwen2_5_vl_helpers import conversation, hf_logits, images_for, random_image
 
 

@@ -1,10 +1,9 @@
 """Model-level properties of the Qwen2 port: KV cache, chunked log-probs, remat, abstract init."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from m2io_jax import models

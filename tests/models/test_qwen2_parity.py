@@ -2,11 +2,10 @@
 
 import copy
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax.numpy as jnp
 
 from m2io_jax import models
 from tests.conftest import TINY_QWEN2, left_padded_batch

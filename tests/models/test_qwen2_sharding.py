@@ -1,10 +1,9 @@
 """The same Qwen2 logits on 1 device and on meshes of 8 fake CPU devices, with the intended shardings."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 

@@ -1,11 +1,10 @@
 """Batched KV-cache sampler: parity with transformers, log-prob consistency, shared prefill, buckets, errors."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax
-import jax.numpy as jnp
 
 from m2io_jax import models, sampling
 from m2io_jax import sharding as shd
