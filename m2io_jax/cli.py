@@ -67,6 +67,7 @@ class ConfigHandle:
 
     default_path: str
     help: str
+    module: str  # the command module that declared it; `run(main)` defines the flag of main's module only
 
     @property
     def value(self) -> ml_collections.ConfigDict:
@@ -75,21 +76,23 @@ class ConfigHandle:
         return flags.FLAGS[CONFIG_FLAG].value
 
 
-_declared: list[ConfigHandle] = []
+_declared: dict[str, ConfigHandle] = {}
 
 
 def define_config(default: types.ModuleType, help_text: str) -> ConfigHandle:
     """Declares the command's `--config` flag; `default` is a package module with `get_config()`.
 
-    The flag itself is defined by `run`, so that a wrong `--config...` argument is reported as one line
+    Each command module declares at most one; importing several commands into one process is fine, since
+    `run(main)` defines only the flag of `main`'s module. The flag itself is defined by `run`, so that a wrong `--config...` argument is reported as one line
     rather than a traceback at import time (config_flags reads overrides when the flag is defined).
     """
-    if _declared:
-        raise RuntimeError(f"define_config called twice (first default {_declared[0].default_path})")
+    module = sys._getframe(1).f_globals.get("__name__", "")
+    if module in _declared:
+        raise RuntimeError(f"{module}: define_config called twice (first default {_declared[module].default_path})")
     if not callable(getattr(default, "get_config", None)):
         raise TypeError(f"{default.__name__} ({default.__file__}) has no get_config(): it cannot be a config default")
-    handle = ConfigHandle(default_path=default.__file__, help=help_text)
-    _declared.append(handle)
+    handle = ConfigHandle(default_path=default.__file__, help=help_text, module=module)
+    _declared[module] = handle
     return handle
 
 
@@ -207,7 +210,8 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
     User mistakes end in one stderr line and a non-zero exit (see the module docstring).
     """
     argv = list(sys.argv if argv is None else argv)
-    for handle in _declared:
+    handle = _declared.get(main.__module__)
+    if handle is not None:
         try:
             expanded = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
             _check_config_arguments(expanded, handle)
