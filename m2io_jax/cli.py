@@ -83,7 +83,8 @@ def define_config(default: types.ModuleType, help_text: str) -> ConfigHandle:
     """Declares the command's `--config` flag; `default` is a package module with `get_config()`.
 
     Each command module declares at most one; importing several commands into one process is fine, since
-    `run(main)` defines only the flag of `main`'s module. The flag itself is defined by `run`, so that a wrong `--config...` argument is reported as one line
+    `run(main)` defines only the flag of `main`'s module. The flag itself is defined by `run`, so that a wrong
+    `--config...` argument is reported as one line
     rather than a traceback at import time (config_flags reads overrides when the flag is defined).
     """
     module = sys._getframe(1).f_globals.get("__name__", "")

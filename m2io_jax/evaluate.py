@@ -65,7 +65,7 @@ def score_dataset(
         answers.append(metrics.strip_image_markers(text) if strip_markers else text)
     bert_f1: Sequence[float | None] = [None] * len(answered)
     if encoder is not None and answered:
-        from m2io_jax.eval import bertscore  # noqa: PLC0415  (BERTScore needs the encoder; only load it when asked)
+        from m2io_jax.eval import bertscore
 
         bert_f1 = [float(x) for x in bertscore.bert_score(answers, references, encoder, layer=bertscore_layer)[2]]
     scores = {
@@ -93,13 +93,14 @@ def evaluate(
     """Scores a predictions file; returns (table, per-dataset results). See the module docstring."""
     predictions = read_predictions(predictions_path)
     names = list(datasets) or sorted(
-        {d for d, _ in predictions}, key=lambda d: (mramg.DATASETS.index(d) if d in mramg.DATASETS else len(mramg.DATASETS), d)
+        {d for d, _ in predictions},
+        key=lambda d: (mramg.DATASETS.index(d) if d in mramg.DATASETS else len(mramg.DATASETS), d)
     )
     if not names:
         raise cli.UserError(f"{predictions_path}: no predictions and no --datasets given: nothing to score")
     encoder = None
     if bertscore:
-        from m2io_jax.models.sentence_encoder import load_encoder  # noqa: PLC0415  (costs seconds; only when asked)
+        from m2io_jax.models.sentence_encoder import load_encoder
 
         encoder = load_encoder(encoder_path)
     results = []
@@ -126,7 +127,8 @@ def report(table: dict[str, dict[str, float | None]], results: Sequence[DatasetR
     return "\n".join(lines)
 
 
-def to_json(table: dict[str, dict[str, float | None]], results: Sequence[DatasetResult], settings: dict[str, Any]) -> dict:
+def to_json(table: dict[str, dict[str, float | None]], results: Sequence[DatasetResult],
+            settings: dict[str, Any]) -> dict:
     """The JSON written by `--output`: table, counts, settings and per-question scores (in [0, 1])."""
     return {
         "table": table,

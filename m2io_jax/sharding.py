@@ -111,7 +111,8 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
             raise ValueError(f"mesh shape {shape}: {len(devices)} devices do not divide by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"have {len(devices)}")
     device_array = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 

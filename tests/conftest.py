@@ -13,9 +13,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
+import jax
 
-jax.config.update("jax_compilation_cache_dir", os.environ.get("M2IO_JAX_CACHE", os.path.expanduser("~/.cache/m2io_jax/jax_cache")))
+_CACHE_DIR = os.environ.get("M2IO_JAX_CACHE", os.path.expanduser("~/.cache/m2io_jax/jax_cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402

@@ -22,7 +22,8 @@ QUESTIONS = [
 
 @pytest.fixture()
 def data_dir(tmp_path):
-    (tmp_path / "doc_tiny.jsonl").write_text(json.dumps([1, "Mix. <PIC> Bake. <PIC> Hold. <PIC>", ["a", "b", "c"]]) + "\n")
+    document = [1, "Mix. <PIC> Bake. <PIC> Hold. <PIC>", ["a", "b", "c"]]
+    (tmp_path / "doc_tiny.jsonl").write_text(json.dumps(document) + "\n")
     (tmp_path / "tiny_mqa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     (tmp_path / "images_info").mkdir()
     (tmp_path / "images_info" / "tiny_imgs_collection.json").write_text(

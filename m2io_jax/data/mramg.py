@@ -346,11 +346,11 @@ def _resolve_image(rel: str, bases: list[str]) -> str | None:
 
 def _unreadable(path: str) -> str:
     """Empty when PIL can parse the file's header; otherwise why not."""
-    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            image.size  # pylint: disable=pointless-statement
+            image.size
     except (OSError, UnidentifiedImageError) as e:
         return f"not a readable image ({type(e).__name__}: {e})"
     return ""

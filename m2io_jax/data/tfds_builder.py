@@ -177,7 +177,7 @@ def _document_example(doc: mramg.Document, images: dict[str, mramg.ImageInfo], s
 
 def _encoded_rgb(path: str) -> bytes | None:
     """The file's bytes when it is an RGB JPEG/PNG; otherwise the image re-encoded as RGB PNG; None if unreadable."""
-    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:

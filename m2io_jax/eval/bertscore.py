@@ -32,7 +32,8 @@ def idf_weights(references: Sequence[Sequence[int]]) -> collections.defaultdict[
 
 
 def _special_ids(encoder: SentenceEncoder) -> set[int]:
-    return {i for i in (encoder.tokenizer.token_to_id("[CLS]"), encoder.tokenizer.token_to_id("[SEP]")) if i is not None}
+    ids = (encoder.tokenizer.token_to_id("[CLS]"), encoder.tokenizer.token_to_id("[SEP]"))
+    return {i for i in ids if i is not None}
 
 
 def _greedy_match(cand: np.ndarray, ref: np.ndarray, w_cand: np.ndarray, w_ref: np.ndarray) -> tuple[float, float]:

@@ -49,7 +49,8 @@ def read_predictions(path: str) -> dict[tuple[str, str], Prediction]:
             if missing:
                 raise ValueError(f"{where}: missing keys {missing}; expected id, dataset, final_output, image_map")
             if not isinstance(record["final_output"], str):
-                raise ValueError(f"{where}: final_output must be a string, found {type(record['final_output']).__name__}")
+                found = type(record["final_output"]).__name__
+                raise ValueError(f"{where}: final_output must be a string, found {found}")
             image_map = record.get("image_map") or {}
             if not isinstance(image_map, dict) or not all(isinstance(v, str) for v in image_map.values()):
                 raise ValueError(f"{where}: image_map must map marker ids ('img1') to image names (strings)")

@@ -61,7 +61,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: 
       mesh: a `jax.sharding.Mesh`; parameters are placed straight into their shards on it. None: one device.
       overrides: fields of our model config that the checkpoint does not hold, by dotted name: how to run the
         model, e.g. `{"remat": "full"}` for Qwen2, `{"text.remat": "full", "vision.remat": "full",
-        "vision.full_attention_block_scores": 1 << 28}` for Qwen2.5-VL (see `m2io_jax.models.overrides.override_fields`).
+        "vision.full_attention_block_scores": 1 << 28}` for Qwen2.5-VL
+        (see `m2io_jax.models.overrides.override_fields`).
     """
     config = read_config(path)
     module = _module_for(config["model_type"], os.path.join(os.fspath(path), "config.json"))

@@ -102,7 +102,8 @@ class ScannIndex:
             scann.scann_ops_pybind.builder(db, default_k, "dot_product")
             .tree(num_leaves=num_leaves, num_leaves_to_search=leaves_to_search,
                   training_sample_size=min(n, config.training_sample_size))
-            .score_ah(config.dims_per_block, anisotropic_quantization_threshold=config.anisotropic_quantization_threshold)
+            .score_ah(config.dims_per_block,
+                      anisotropic_quantization_threshold=config.anisotropic_quantization_threshold)
             .reorder(max(config.reorder, default_k))
             .build()
         )
@@ -168,7 +169,8 @@ class ScannIndex:
         config.update(metadata["config"])
         with open(os.path.join(directory, _ASSETS), encoding="utf-8") as f:
             assets = _ASSET_PATH.sub(
-                lambda m: f'asset_path: "{os.path.join(os.path.abspath(directory), os.path.basename(m.group(1)))}"', f.read()
+                lambda m: f'asset_path: "{os.path.join(os.path.abspath(directory), os.path.basename(m.group(1)))}"',
+                f.read()
             )
         searcher = scann.scann_ops_pybind.ScannSearcher(
             scann.scann_ops_pybind.scann_pybind.ScannNumpy(directory, assets), None

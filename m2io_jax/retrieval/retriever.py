@@ -79,15 +79,17 @@ class Retriever:
         """
         if isinstance(documents, Mapping):
             documents = documents.values()
-        chunks = chunking.chunk_documents(documents, max_tokens=max_tokens, length_fn=length_fn or token_length_fn(encoder))
+        chunks = chunking.chunk_documents(documents, max_tokens=max_tokens,
+                                          length_fn=length_fn or token_length_fn(encoder))
         if not chunks:
             raise ValueError("no chunks to index: the corpus has no document text")
-        embeddings = np.asarray(encoder.encode([c.plain_text for c in chunks], batch_size=batch_size), np.float32)  # [C, D]
+        texts = [c.plain_text for c in chunks]
+        embeddings = np.asarray(encoder.encode(texts, batch_size=batch_size), np.float32)  # [C, D]
         if embeddings.shape[0] != len(chunks):
             raise ValueError(f"encoder returned {embeddings.shape[0]} embeddings for {len(chunks)} chunks")
         config = None
         if index_cls is None:
-            from m2io_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
+            from m2io_jax.retrieval import index as index_lib
 
             index_cls = index_lib.ScannIndex
             config = index_lib.index_config()

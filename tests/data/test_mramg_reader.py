@@ -48,9 +48,9 @@ def test_marker_form_and_anchors(mramg_root):
 )
 def test_detects_each_marker_form(ground_truth, form, anchors):
     images = {mramg.FORM_NAME: ("photo_a", "photo_b"), mramg.FORM_NO_IMAGES: ()}.get(form, ("a", "b"))
-    q = mramg._with_anchors(  # pylint: disable=protected-access
+    q = mramg._with_anchors(
         mramg.Question("q", "?", ("1",), ground_truth, images, "x"), "f", 1,
-        mramg._Problems(mramg.LoadReport("x"), strict=False))  # pylint: disable=protected-access
+        mramg._Problems(mramg.LoadReport("x"), strict=False))
     assert q.marker_form == form
     assert [(a.image, a.sentence_index) for a in q.anchors] == anchors
     assert "<PIC>" not in q.answer and "<img" not in q.answer

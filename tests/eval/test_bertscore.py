@@ -38,7 +38,8 @@ def encoder():
 def test_matches_bert_score_package(encoder, layer, idf):
     import bert_score
     scorer = bert_score.BERTScorer(
-        model_type=sentence_encoder.default_encoder_path(), num_layers=layer, idf=idf, idf_sents=REFERENCES if idf else None,
+        model_type=sentence_encoder.default_encoder_path(), num_layers=layer, idf=idf,
+        idf_sents=REFERENCES if idf else None,
         nthreads=0,
     )
     expected = [t.numpy() for t in scorer.score(CANDIDATES, REFERENCES)]

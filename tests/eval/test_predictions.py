@@ -10,7 +10,8 @@ def test_bad_predictions_name_the_line(tmp_path):
     path.write_text('{"id": "q1", "dataset": "tiny", "final_output": "x"}\n{"id": "q2"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing keys \['dataset', 'final_output'\]"):
         predictions.read_predictions(str(path))
-    path.write_text('{"id": "q1", "dataset": "t", "final_output": "x"}\n{"id": "q1", "dataset": "t", "final_output": "y"}\n')
+    path.write_text('{"id": "q1", "dataset": "t", "final_output": "x"}\n'
+                    '{"id": "q1", "dataset": "t", "final_output": "y"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: duplicate prediction"):
         predictions.read_predictions(str(path))
     path.write_text("not json\n")

@@ -13,7 +13,7 @@ IMAGES = {n: mramg.ImageInfo(n, f"cap {n}", f"/x/{n}.png") for n in "abcdefg"}
 
 def _q(images, qid="q1", answer="First.<PIC> Second.<PIC>"):
     q = mramg.Question(qid, "?", ("d1",), answer, tuple(images), "x")
-    return mramg._with_anchors(q, "f", 1, mramg._Problems(mramg.LoadReport("x"), False))  # pylint: disable=protected-access
+    return mramg._with_anchors(q, "f", 1, mramg._Problems(mramg.LoadReport("x"), False))
 
 
 C1 = Chunk("d1", 0, "Alpha.<PIC> Beta.<PIC>", ("b", "a"), "x")

@@ -12,7 +12,7 @@ CHUNKS = [Chunk("d1", 0, "Alpha.<PIC> Beta.<PIC>", ("b", "a"), "x"), Chunk("d2",
 
 def _question(ground_truth, images):
     q = mramg.Question("q1", "How?", ("d1",), ground_truth, tuple(images), "x")
-    return mramg._with_anchors(q, "f", 1, mramg._Problems(mramg.LoadReport("x"), False))  # pylint: disable=protected-access
+    return mramg._with_anchors(q, "f", 1, mramg._Problems(mramg.LoadReport("x"), False))
 
 
 def _example(ground_truth, images):

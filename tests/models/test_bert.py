@@ -30,7 +30,8 @@ def _tokenizer() -> tokenizers.Tokenizer:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(_TEXTS * 4, trainers.WordPieceTrainer(vocab_size=_CONFIG.vocab_size, special_tokens=specials))
+    trainer = trainers.WordPieceTrainer(vocab_size=_CONFIG.vocab_size, special_tokens=specials)
+    tok.train_from_iterator(_TEXTS * 4, trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -80,7 +81,8 @@ def test_hidden_states_match_transformers_every_layer(saved):
         for i, token_ids in enumerate(ids):
             with torch.no_grad():
                 out = reference(torch.tensor([token_ids]), output_hidden_states=True)
-            np.testing.assert_allclose(ours[i], out.hidden_states[layer][0].numpy(), atol=2e-5, err_msg=f"layer {layer}")
+            np.testing.assert_allclose(ours[i], out.hidden_states[layer][0].numpy(), atol=2e-5,
+                                       err_msg=f"layer {layer}")
     np.testing.assert_array_equal(states[0], ours[0])  # the default layer is the last one
 
 
@@ -120,12 +122,14 @@ def test_pooling_config_errors(tmp_path):
         '[{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]'
     )
     (tmp_path / "1_Pooling").mkdir()
-    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": true}')
+    (tmp_path / "1_Pooling" / "config.json").write_text(
+        '{"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": true}')
     with pytest.raises(ValueError, match="1_Pooling/config.json: expected exactly one"):
         sentence_encoder.PoolingConfig.from_dir(str(tmp_path), 512)
     (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
     (tmp_path / "sentence_bert_config.json").write_text('{"max_seq_length": 8192}')
-    assert sentence_encoder.PoolingConfig.from_dir(str(tmp_path), 512) == sentence_encoder.PoolingConfig("cls", False, 512)
+    expected = sentence_encoder.PoolingConfig("cls", False, 512)
+    assert sentence_encoder.PoolingConfig.from_dir(str(tmp_path), 512) == expected
 
 
 def test_missing_weights_and_bad_config(tmp_path):
@@ -169,7 +173,8 @@ def test_bfloat16_checkpoint_loads(saved, rewritten):
 
 def test_pooler_of_wrong_shape_raises(rewritten):
     path = rewritten(lambda t: {**t, "pooler.dense.bias": np.zeros((31,), np.float32)})
-    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'pooler.dense.bias' has shape \(31,\); expected \(32,\)"):
+    expected = r"model.safetensors: tensor 'pooler.dense.bias' has shape \(31,\); expected \(32,\)"
+    with pytest.raises(ValueError, match=expected):
         models.from_pretrained(path)
 
 

@@ -10,7 +10,7 @@ DEMO_DATASETS = ("demo_web", "demo_recipe", "demo_manual")
 def demo_root() -> str:
     """The directory holding the demo corpus in the MRAMG layout (generated into it on first use if absent)."""
     if not all(os.path.isfile(os.path.join(CORPUS_DIR, f"{n}_mqa.jsonl")) for n in DEMO_DATASETS):
-        from m2io_jax.data.demo.build import generate  # pylint: disable=g-import-not-at-top
+        from m2io_jax.data.demo.build import generate
 
         generate(CORPUS_DIR)
     return CORPUS_DIR
