@@ -1,6 +1,7 @@
 r"""Scores multimodal answers against MRAMG-format data and prints the MRAMG statistical-metric table.
 
-    python -m m2io_jax.evaluate --predictions answers.jsonl --data /path/to/MRAMG [--output scores.json]
+    python -m m2io_jax.evaluate --predictions answers.jsonl --data /path/to/MRAMG [--output scores.json] \
+        [--config.strip_image_markers=false] [--config.bertscore.enabled=false]
 
 Predictions: one JSON object per line,
     {"id": "<question id>", "dataset": "<name>", "final_output": "text with <img1> ... <imgN>",
@@ -14,8 +15,9 @@ reported as missing. Columns: Prec., Rec., F1, Ord. (image metrics), R.L. (ROUGE
 x100; see `m2io_jax.eval.metrics` and `m2io_jax.eval.bertscore` for the definitions.
 
 Our choice (the official behaviour is not published): `<imgN>` markers are stripped from the answer, and the
-reference answer is taken without its image markers, before ROUGE-L and BERTScore (`--nostrip_image_markers`
-compares the raw strings, as the third-party reference code appears to).
+reference answer is taken without its image markers, before ROUGE-L and BERTScore
+(`--config.strip_image_markers=false` compares the raw strings, as the third-party reference code appears to).
+The scoring settings are the `--config` (default `m2io_jax/eval/config.py`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from absl import flags
 
 from m2io_jax import cli
 from m2io_jax.data import mramg
+from m2io_jax.eval import config as eval_config
 from m2io_jax.eval import metrics
-from m2io_jax.eval.predictions import Prediction, read_predictions
+from m2io_jax.eval.predictions import Prediction, PredictionsError, read_predictions
 
 
 @dataclasses.dataclass
@@ -150,27 +153,29 @@ _PREDICTIONS = flags.DEFINE_string("predictions", None, "predictions jsonl (one 
 _DATA = flags.DEFINE_string("data", None, "MRAMG-format data directory (doc_*.jsonl, *_mqa.jsonl, images_info/)")
 _DATASETS = flags.DEFINE_list("datasets", [], "datasets to score (default: every dataset named in the predictions)")
 _OUTPUT = flags.DEFINE_string("output", "", "write the table, counts and per-question scores to this JSON file")
-_STRIP = flags.DEFINE_bool("strip_image_markers", True, "remove <imgN> markers before ROUGE-L and BERTScore")
-_BERTSCORE = flags.DEFINE_bool("bertscore", True, "compute BERTScore F1 with the Flax encoder")
-_ENCODER = flags.DEFINE_string("encoder", "", "BERTScore encoder checkpoint directory (default: packaged MiniLM)")
-_LAYER = flags.DEFINE_integer("bertscore_layer", None, "encoder layer for BERTScore (default: the last)")
+_CONFIG = cli.define_config(eval_config, "scoring settings (image markers, BERTScore encoder and layer)")
 
 
 def main(argv: Sequence[str]) -> None:
     cli.no_positional_arguments(argv)
     cli.require(_PREDICTIONS, _DATA)
+    config = _CONFIG.value
+    bertscore = config.bertscore
     settings = {
         "predictions": os.path.abspath(_PREDICTIONS.value),
         "data": os.path.abspath(_DATA.value),
-        "strip_image_markers": _STRIP.value,
-        "bertscore": _BERTSCORE.value,
-        "encoder": _ENCODER.value or ("default MiniLM" if _BERTSCORE.value else ""),
-        "bertscore_layer": _LAYER.value,
+        "strip_image_markers": config.strip_image_markers,
+        "bertscore": bertscore.enabled,
+        "encoder": bertscore.encoder_path or ("default MiniLM" if bertscore.enabled else ""),
+        "bertscore_layer": bertscore.layer,
     }
-    table, results = evaluate(
-        _PREDICTIONS.value, _DATA.value, datasets=_DATASETS.value, strip_markers=_STRIP.value,
-        bertscore=_BERTSCORE.value, encoder_path=_ENCODER.value, bertscore_layer=_LAYER.value,
-    )
+    try:
+        table, results = evaluate(
+            _PREDICTIONS.value, _DATA.value, datasets=_DATASETS.value, strip_markers=config.strip_image_markers,
+            bertscore=bertscore.enabled, encoder_path=bertscore.encoder_path, bertscore_layer=bertscore.layer,
+        )
+    except PredictionsError as error:
+        raise cli.UserError(str(error)) from error
     print(report(table, results))
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w", encoding="utf-8") as f:

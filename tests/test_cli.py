@@ -123,7 +123,7 @@ def test_user_mistakes_are_one_line(command, args, code, fragment):
         ("m2io_jax.evaluate", ["--predictions=p.jsonl"], 2, "missing required flags: --data"),
         (
             "m2io_jax.evaluate",
-            ["--predictions=/nonexistent/p.jsonl", "--data=/tmp", "--nobertscore"],
+            ["--predictions=/nonexistent/p.jsonl", "--data=/tmp", "--config.bertscore.enabled=false"],
             1,
             "/nonexistent/p.jsonl",
         ),

@@ -96,3 +96,15 @@ def test_demo_corpus_gold_answers_score_perfectly(tmp_path):
     table, _ = evaluate.evaluate(_write(tmp_path / "p.jsonl", records), root, bertscore=False)
     assert table[name]["F1"] == pytest.approx(100.0) and table[name]["Ord."] == pytest.approx(100.0)
     assert table[name]["R.L."] == pytest.approx(100.0)
+
+
+def test_cli_reports_a_malformed_predictions_file_in_one_line(data_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "q1", "dataset": "tiny", "final_output": "x", "image_map": {}}\nnot json\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2io_jax.evaluate", f"--predictions={bad}", f"--data={data_dir}",
+         "--config.bertscore.enabled=false", "--config.strip_image_markers=false"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"evaluate: error: {bad}:2: invalid JSON: Expecting value"]

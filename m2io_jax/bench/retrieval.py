@@ -138,6 +138,7 @@ def bench_set(name: str, db: np.ndarray, queries: np.ndarray, *, threads: int, r
 def demo_embeddings() -> tuple[np.ndarray, np.ndarray] | None:
     """MiniLM embeddings of the demo corpus's chunks and questions, or None (with a message) if absent."""
     try:
+        from m2io_jax.data import config as data_config
         from m2io_jax.data import demo, mramg
         from m2io_jax.models.sentence_encoder import load_encoder
         from m2io_jax.retrieval import chunking, retriever
@@ -148,10 +149,11 @@ def demo_embeddings() -> tuple[np.ndarray, np.ndarray] | None:
         print(f"\n(demo corpus skipped: {demo.CORPUS_DIR} does not exist)")
         return None
     encoder = load_encoder()
+    max_tokens = data_config.get_config().chunk.max_tokens
     chunks, questions = [], []
     for name in demo.DEMO_DATASETS:
         dataset = mramg.load_dataset(demo.demo_root(), name, check_images=False)
-        chunks += chunking.chunk_documents(dataset.documents.values(), max_tokens=256,
+        chunks += chunking.chunk_documents(dataset.documents.values(), max_tokens=max_tokens,
                                            length_fn=retriever.token_length_fn(encoder))
         questions += [q.question for q in dataset.questions]
     return encoder.encode([c.plain_text for c in chunks]), encoder.encode(questions)

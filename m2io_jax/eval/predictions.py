@@ -14,6 +14,10 @@ from collections.abc import Iterable
 from m2io_jax.eval import metrics
 
 
+class PredictionsError(ValueError):
+    """A malformed predictions file; the message names file:line and what was wrong."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     """One answer: its question, the text with `<imgN>` markers and the marker -> image-name map."""
@@ -42,22 +46,22 @@ def read_predictions(path: str) -> dict[tuple[str, str], Prediction]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg}") from e
+                raise PredictionsError(f"{where}: invalid JSON: {e.msg}") from e
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
+                raise PredictionsError(f"{where}: expected a JSON object, found {type(record).__name__}")
             missing = [k for k in ("id", "dataset", "final_output") if k not in record]
             if missing:
-                raise ValueError(f"{where}: missing keys {missing}; expected id, dataset, final_output, image_map")
+                raise PredictionsError(f"{where}: missing keys {missing}; expected id, dataset, final_output, image_map")
             if not isinstance(record["final_output"], str):
                 found = type(record["final_output"]).__name__
-                raise ValueError(f"{where}: final_output must be a string, found {found}")
+                raise PredictionsError(f"{where}: final_output must be a string, found {found}")
             image_map = record.get("image_map") or {}
             if not isinstance(image_map, dict) or not all(isinstance(v, str) for v in image_map.values()):
-                raise ValueError(f"{where}: image_map must map marker ids ('img1') to image names (strings)")
+                raise PredictionsError(f"{where}: image_map must map marker ids ('img1') to image names (strings)")
             prediction = Prediction(str(record["id"]), str(record["dataset"]), record["final_output"], image_map)
             key = (prediction.dataset, prediction.id)
             if key in out:
-                raise ValueError(f"{where}: duplicate prediction for dataset {key[0]!r} question {key[1]!r}")
+                raise PredictionsError(f"{where}: duplicate prediction for dataset {key[0]!r} question {key[1]!r}")
             out[key] = prediction
     return out
 

@@ -103,9 +103,7 @@ def run(config: ml_collections.ConfigDict, dataset: str, split: str | None = Non
         q_split, _ = splits_lib.assign_splits(dataset, [(q.id, q.provenance) for q in questions], rule)
         questions = [q for q in questions if q_split[q.id] == split]
     encoder = sentence_encoder.load_encoder(config.retrieval.encoder_path)
-    retriever = retriever_lib.Retriever.build(
-        ds.documents, encoder, max_tokens=config.chunk.max_tokens, batch_size=config.retrieval.batch_size,
-        index_overrides=config.retrieval.index.to_dict())
+    retriever = retriever_lib.Retriever.from_config(ds.documents, encoder, config)
     result = {"dataset": dataset, "split": split or "all", "chunks": len(retriever.chunks),
               "documents": len(ds.documents), "problems": len(ds.report.problems)}
     result.update(evaluate_recall(questions, retriever, config.retrieval.top_k))

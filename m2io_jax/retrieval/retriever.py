@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
+import ml_collections
 import numpy as np
 
 from m2io_jax.data import mramg
@@ -66,9 +67,9 @@ class Retriever:
         documents: Iterable[mramg.Document] | Mapping[str, mramg.Document],
         encoder: Encoder,
         *,
-        max_tokens: int = 256,
+        max_tokens: int,
+        batch_size: int,
         length_fn: chunking.LengthFn | None = None,
-        batch_size: int = 64,
         index_overrides: Mapping[str, Any] | None = None,
         index_cls: Any = None,
     ) -> "Retriever":
@@ -97,6 +98,13 @@ class Retriever:
         elif index_overrides:
             raise ValueError(f"index_overrides {dict(index_overrides)} apply to the default ScannIndex only")
         return cls(chunks, index_cls.build(embeddings, config), encoder, batch_size=batch_size)
+
+    @classmethod
+    def from_config(cls, documents: Iterable[mramg.Document] | Mapping[str, mramg.Document], encoder: Encoder,
+                    data: ml_collections.ConfigDict) -> "Retriever":
+        """`build` with the chunking and retrieval settings of a data config (`m2io_jax.data.config`)."""
+        return cls.build(documents, encoder, max_tokens=data.chunk.max_tokens, batch_size=data.retrieval.batch_size,
+                         index_overrides=data.retrieval.index.to_dict())
 
     def chunks_of(self, doc_id: str) -> list[chunking.Chunk]:
         """All chunks of one document, in document order."""

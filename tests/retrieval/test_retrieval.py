@@ -35,7 +35,7 @@ class HashedBagOfWords:
 
 def test_retriever_end_to_end_on_demo_recipe():
     ds = mramg.load_dataset(demo_root(), "demo_recipe")
-    retriever = retriever_lib.Retriever.build(ds.documents, HashedBagOfWords(), max_tokens=64)
+    retriever = retriever_lib.Retriever.build(ds.documents, HashedBagOfWords(), max_tokens=64, batch_size=64)
     assert len(retriever.chunks) > len(ds.documents)  # 64-token chunks split every recipe
     result = recall.evaluate_recall(ds.questions, retriever, k=10)
     assert result["questions_with_images"] == sum(bool(q.images) for q in ds.questions)
