@@ -51,7 +51,8 @@ def read_predictions(path: str) -> dict[tuple[str, str], Prediction]:
                 raise PredictionsError(f"{where}: expected a JSON object, found {type(record).__name__}")
             missing = [k for k in ("id", "dataset", "final_output") if k not in record]
             if missing:
-                raise PredictionsError(f"{where}: missing keys {missing}; expected id, dataset, final_output, image_map")
+                raise PredictionsError(
+                    f"{where}: missing keys {missing}; expected id, dataset, final_output, image_map")
             if not isinstance(record["final_output"], str):
                 found = type(record["final_output"]).__name__
                 raise PredictionsError(f"{where}: final_output must be a string, found {found}")
