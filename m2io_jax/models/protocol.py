@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -99,10 +100,22 @@ class CausalLM(Protocol):
         the first `span` (static) suffix slots, of which slots <= `slot` are visible."""
 
     def completion_logprobs(self, inputs: PreparedInputs, completions: jax.Array,
-                            vision_features: jax.Array | None = None, *, temperature: float = 1.0) -> jax.Array:
+                            vision_features: jax.Array | None = None, *, temperature: float = 1.0,
+                            suppress_tokens: Sequence[int] = ()) -> jax.Array:
         """log softmax(logits / temperature) of each completion token given its prompt and the completion's
         earlier tokens: completions [B, G, N] -> [B, G, N] float32. Each prompt runs once; its G completions
-        attend to its keys and values with exact causal attention. Differentiable in the parameters."""
+        attend to its keys and values with exact causal attention. Differentiable in the parameters.
+        `suppress_tokens` are masked before the log-softmax (`suppress_logits`), as the sampler masks them."""
+
+
+def suppress_logits(logits: jax.Array, tokens: Sequence[int]) -> jax.Array:
+    """logits [..., V] with the columns of `tokens` set to -inf: never sampled, and left out of the softmax.
+
+    The sampler and `completion_logprobs` both apply it, so sampled and trained log-probs compare like with like.
+    """
+    if not tokens:
+        return logits
+    return logits.at[..., jnp.asarray(tuple(tokens), jnp.int32)].set(-jnp.inf)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -48,7 +48,7 @@ from m2io_jax.models.attention import (
     shared_prefix_attention,
 )
 from m2io_jax.models.layers import param
-from m2io_jax.models.protocol import PrefixCache, PreparedInputs, SuffixCache, left_pad
+from m2io_jax.models.protocol import PrefixCache, PreparedInputs, SuffixCache, left_pad, suppress_logits
 from m2io_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -403,8 +403,10 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def token_logprobs(
         self, hidden: jax.Array, targets: jax.Array, *, temperature: float = 1.0, chunk_size: int = 128,
+        suppress_tokens: Sequence[int] = (),
     ) -> jax.Array:
-        """log softmax(logits / temperature)[target] for hidden [B, T, D], targets [B, T] -> [B, T] float32.
+        """log softmax(logits / temperature)[target] for hidden [B, T, D], targets [B, T] -> [B, T] float32,
+        `suppress_tokens` masked before the softmax (`protocol.suppress_logits`).
 
         Scans over chunks of `chunk_size` positions with rematerialisation, so at most [B, chunk, V] logits
         exist at once in the forward and the backward pass (Qwen's vocabulary is 151,936).
@@ -422,6 +424,7 @@ class Qwen2ForCausalLM(nnx.Module):
         @jax.checkpoint
         def one(h, y):
             logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32) / temperature
+            logits = suppress_logits(logits, suppress_tokens)
             picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
             return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -522,11 +525,13 @@ class Qwen2ForCausalLM(nnx.Module):
         return logits.reshape(b, g, -1), SuffixCache(k=k_all, v=v_all)
 
     def completion_logprobs(self, inputs: PreparedInputs, completions: jax.Array,
-                            vision_features: jax.Array | None = None, *, temperature: float = 1.0) -> jax.Array:
-        return self.completion_logprobs_embeds(self.embed(inputs.ids), inputs, completions, temperature=temperature)
+                            vision_features: jax.Array | None = None, *, temperature: float = 1.0,
+                            suppress_tokens: Sequence[int] = ()) -> jax.Array:
+        return self.completion_logprobs_embeds(self.embed(inputs.ids), inputs, completions, temperature=temperature,
+                                               suppress_tokens=suppress_tokens)
 
     def completion_logprobs_embeds(self, embeds: jax.Array, inputs: PreparedInputs, completions: jax.Array, *,
-                                   temperature: float = 1.0) -> jax.Array:
+                                   temperature: float = 1.0, suppress_tokens: Sequence[int] = ()) -> jax.Array:
         """`completion_logprobs` from prompt embeddings [B, P, D]: completions [B, G, N] -> [B, G, N] float32.
 
         The prompt runs once (its last position predicts each completion's first token); the B * G completion
@@ -536,7 +541,7 @@ class Qwen2ForCausalLM(nnx.Module):
         c = self.config
         b, g, n = completions.shape
         first_logits, prefix = self.prefill_embeds(embeds, inputs)  # [B, V]
-        first = jax.nn.log_softmax(first_logits / temperature, axis=-1)
+        first = jax.nn.log_softmax(suppress_logits(first_logits / temperature, suppress_tokens), axis=-1)
         first = jnp.take_along_axis(first[:, None, :], completions[:, :, :1], axis=-1)[..., 0]  # [B, G]
         if n == 1:
             return first[..., None]
@@ -557,7 +562,8 @@ class Qwen2ForCausalLM(nnx.Module):
         x, _ = jax.lax.scan(with_remat(layer, c.remat), x, (self.layers.stacked(c.dtype), prefix.k, prefix.v))
         hidden = rms_norm(x, self.norm[...], c.rms_norm_eps)  # [M, N, D]
         targets = completions.reshape(b * g, n)
-        rest = self.token_logprobs(hidden[:, :-1], targets[:, 1:], temperature=temperature)  # [M, N - 1]
+        rest = self.token_logprobs(hidden[:, :-1], targets[:, 1:], temperature=temperature,
+                                   suppress_tokens=suppress_tokens)  # [M, N - 1]
         return jnp.concatenate([first[..., None], rest.reshape(b, g, n - 1)], axis=-1)
 
     def __call__(

@@ -310,9 +310,11 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         return self.language_model.decode_step(tokens, prefix, suffix, slot, span=span)
 
     def completion_logprobs(self, inputs: PreparedInputs, completions: jax.Array,
-                            vision_features: jax.Array | None = None, *, temperature: float = 1.0) -> jax.Array:
+                            vision_features: jax.Array | None = None, *, temperature: float = 1.0,
+                            suppress_tokens: Sequence[int] = ()) -> jax.Array:
         return self.language_model.completion_logprobs_embeds(
-            self.prompt_embeds(inputs, vision_features), inputs, completions, temperature=temperature)
+            self.prompt_embeds(inputs, vision_features), inputs, completions, temperature=temperature,
+            suppress_tokens=suppress_tokens)
 
 
 def logits_from_inputs(model: Qwen2_5_VLForConditionalGeneration, inputs: PreparedInputs) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Default configs of the RL package: the GRPO objective and the optimizer, as ml_collections ConfigDicts.
+"""Default configs of the RL package: the GRPO objective, the optimizer and the rollout, as ml_collections
+ConfigDicts; `get_trainer_config` gathers the three sections `m2io_jax.rl.trainer.Trainer` reads.
 
 GRPO fields (TRL's GRPOConfig names; read by `m2io_jax.rl.grpo.grpo_advantages` and `grpo_loss`):
   num_generations: completions sampled per prompt (G).
@@ -8,8 +9,8 @@ GRPO fields (TRL's GRPOConfig names; read by `m2io_jax.rl.grpo.grpo_advantages` 
   beta: weight of the k3 KL to the reference; 0 (TRL's default) needs no reference model.
   epsilon / epsilon_high: clip range [1 - epsilon, 1 + epsilon_high]; epsilon_high None means epsilon.
   loss_type: "grpo", "dapo", "token_mean" or "dr_grpo" (`grpo.LOSS_AGGREGATIONS`).
-  max_completion_length: the completion budget in tokens, the constant of "dr_grpo" (set by the trainer's
-    config; None is only valid for the other loss types).
+  max_completion_length: the completion budget in tokens, the constant of "dr_grpo" (None: the trainer uses
+    rollout.max_new_tokens).
   mask_truncated_completions: completions that hit the budget get zero loss weight (they keep their reward
     and their place in the group baseline, as in TRL).
   num_iterations: updates per rollout; 1 takes old log-probs as stop_gradient(log-probs), no separate pass.
@@ -26,6 +27,19 @@ Optimizer fields (read by `m2io_jax.rl.optimizer.build_optimizer`):
     state) or a positive learning-rate multiplier. Unmatched parameters train at the full rate.
   param_dtype / compute_dtype: master weights and optimizer state in `param_dtype`; the loss casts floating
     parameters to `compute_dtype` (`optimizer.cast_floating`), e.g. float32 master with bfloat16 compute.
+
+Rollout fields (read by `m2io_jax.rl.trainer.Trainer`):
+  max_new_tokens: the completion budget per sample; a completion that reaches it without a stop token is
+    flagged truncated.
+  temperature, top_k, top_p: sampling settings (`m2io_jax.sampling`); GRPO needs temperature > 0, and the
+    trainer's log-probs use the same temperature. top_k / top_p None: no filter.
+  seed: step s samples with a seed derived from (seed, s), so every step draws fresh streams.
+  prompt_lengths, batch_sizes, completion_lengths: bucket sizes that prompt lengths, prompt counts and SFT
+    target lengths pad to; () means powers of two (at least min_prompt_length / 1 / min_completion_length).
+    GRPO completions always pad to max_new_tokens.
+  micro_batch_prompts: prompt rows per training micro-batch (a divisor of the padded batch); 0: all in one.
+    The update sums the micro-batches' unreduced losses, denominators and gradients and divides once, so it
+    equals the full batch's.
 """
 
 from __future__ import annotations
@@ -64,4 +78,29 @@ def get_optimizer_config() -> ml_collections.ConfigDict:
     c.param_rules = ()
     c.param_dtype = "float32"
     c.compute_dtype = "bfloat16"
+    return c
+
+
+def get_rollout_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.max_new_tokens = 64
+    c.temperature = 1.0
+    c.top_k = config_dict.placeholder(int)
+    c.top_p = config_dict.placeholder(float)
+    c.seed = 0
+    c.prompt_lengths = ()
+    c.min_prompt_length = 16
+    c.batch_sizes = ()
+    c.completion_lengths = ()
+    c.min_completion_length = 16
+    c.micro_batch_prompts = 0
+    return c
+
+
+def get_trainer_config() -> ml_collections.ConfigDict:
+    """The sections the trainer reads: `grpo`, `optimizer` and `rollout`."""
+    c = ml_collections.ConfigDict()
+    c.grpo = get_grpo_config()
+    c.optimizer = get_optimizer_config()
+    c.rollout = get_rollout_config()
     return c

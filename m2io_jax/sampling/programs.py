@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from m2io_jax.models.protocol import PrefixCache, PreparedInputs, SuffixCache
+from m2io_jax.models.protocol import PrefixCache, PreparedInputs, SuffixCache, suppress_logits
 from m2io_jax.sampling.tokens import choose_tokens, row_keys
 
 
@@ -46,7 +46,11 @@ class DecodeState:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerProgram:
-    """Static (hashable) description of one compiled sampler: the model graph and the sampling settings."""
+    """Static (hashable) description of one compiled sampler: the model graph and the sampling settings.
+
+    suppress_tokens: never sampled; masked before the log-softmax (`protocol.suppress_logits`), as the trainer's
+    `completion_logprobs` masks them.
+    """
 
     graphdef: Any
     num_samples: int
@@ -54,6 +58,7 @@ class SamplerProgram:
     temperature: float
     top_k: int | None
     top_p: float | None
+    suppress_tokens: tuple[int, ...] = ()
 
 
 def _record(state: DecodeState, emitted: jax.Array, logp: jax.Array, stop_tokens: jax.Array,
@@ -72,6 +77,7 @@ def _choose(program: SamplerProgram, logits: jax.Array, keys: jax.Array, step: j
             ) -> tuple[jax.Array, jax.Array]:
     """choose_tokens over logits [R, G, V] with keys [R, G] -> tokens, log-probs [R, G]."""
     r, g, v = logits.shape
+    logits = suppress_logits(logits, program.suppress_tokens)
     tokens, logp = choose_tokens(logits.reshape(r * g, v), keys.reshape(r * g), step,
                                  temperature=program.temperature, top_k=program.top_k, top_p=program.top_p)
     return tokens.reshape(r, g), logp.reshape(r, g)
@@ -79,15 +85,16 @@ def _choose(program: SamplerProgram, logits: jax.Array, keys: jax.Array, step: j
 
 def sampler_prefill(program: SamplerProgram, params: nnx.State, inputs: PreparedInputs, prompt_index: jax.Array,
                     sample_index: jax.Array, max_new: jax.Array, stop_tokens: jax.Array,
-                    seed: jax.Array) -> tuple[PrefixCache, DecodeState]:
+                    seed: jax.Array, vision_features: jax.Array | None = None) -> tuple[PrefixCache, DecodeState]:
     """Runs every prompt once, samples the first token of its G samples and allocates their suffix caches.
 
     prompt_index [R], sample_index [R, G] and seed fix each row's key; max_new [R, G] is its token budget.
+    vision_features: the prompts' image features when the caller computed them (else the tower runs here).
     """
     model = nnx.merge(program.graphdef, params)
     r = inputs.ids.shape[0]
     g, n = program.num_samples, program.num_new
-    logits, prefix = model.prefill(inputs)  # [R, V]
+    logits, prefix = model.prefill(inputs, vision_features)  # [R, V]
     keys = row_keys(seed, prompt_index, sample_index)  # [R, G]
     first, logp = _choose(program, jnp.broadcast_to(logits[:, None], (r, g, logits.shape[-1])), keys, jnp.int32(0))
     state = DecodeState(

@@ -1,0 +1,273 @@
+"""The trainer's device programs: vision features, log-probs, GRPO gradients and update, the SFT update.
+
+Each is one jitted function of a static `StepSpec` (model graph and settings), the parameters (an `nnx.State`,
+merged with the graph inside) and padded arrays, so a run compiles each program once per bucket, and trainers
+with equal specs share the compilations. A GRPO update is exact over micro-batches: `grpo_gradients` adds each
+micro-batch's unreduced loss sum, denominator and gradients to an `Accumulated`, `apply_gradients` divides once.
+The updates donate the parameters and the optimizer state, compute in the configured dtype over master weights
+(`optimizer.cast_floating`) and, on a mesh, give the new parameters the shardings of the old ones.
+
+Vision features are computed once per step (`encode_vision`) and passed into the log-prob and update passes
+as constants: the vision tower receives no gradient here, so configs freeze it (optimizer `param_rules`).
+
+`compile_count` counts the real XLA compilations of these programs (jax's backend-compile events, as
+`m2io_jax.sampling.compiles` does for the sampler), not Python traces.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+from jax import monitoring
+
+from m2io_jax.models.protocol import PreparedInputs
+from m2io_jax.rl import grpo
+from m2io_jax.rl.optimizer import FROZEN, build_optimizer, cast_floating, parameter_labels
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+PROGRAMS = ("rl_init_optimizer", "rl_encode_vision", "rl_logprobs", "rl_grpo_gradients", "rl_apply_gradients",
+            "rl_sft_update")
+_COMPILES: collections.Counter[str] = collections.Counter()
+
+
+def _on_event(event: str, duration_secs: float, **metadata: str | int) -> None:
+    name = str(metadata.get("fun_name", ""))
+    if event == BACKEND_COMPILE_EVENT and name.startswith("jit(") and name[4:-1] in PROGRAMS:
+        _COMPILES[name[4:-1]] += 1
+
+
+monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compile_count() -> int:
+    """Number of trainer programs compiled in this process so far (all trainers together)."""
+    return sum(_COMPILES.values())
+
+
+@struct.dataclass
+class GrpoBatch:
+    """One rollout in the training layout: R prompt rows, G completions each, N tokens."""
+
+    inputs: PreparedInputs  # [R, P] prompts
+    features: jax.Array | None  # [F, D] vision features of the prompts' images, or None
+    completions: jax.Array  # [R, G, N] int32
+    mask: jax.Array  # [R, G, N] float32
+    advantages: jax.Array  # [R, G] float32
+    truncated: jax.Array  # [R, G] bool
+    row_mask: jax.Array  # [R] float32
+    old_logp: jax.Array | None = None  # [R, G, N] (num_iterations > 1)
+    ref_logp: jax.Array | None = None  # [R, G, N] (beta > 0)
+
+
+@struct.dataclass
+class SftBatch:
+    """Target completions (G = 1) of R prompt rows, padded to N tokens."""
+
+    inputs: PreparedInputs  # [R, P]
+    features: jax.Array | None  # [F, D] or None
+    targets: jax.Array  # [R, 1, N] int32
+    mask: jax.Array  # [R, 1, N] float32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about a trainer's programs (hashable: trainers with equal specs share compilations).
+
+    GRPO log-probs use the sampler's temperature, SFT temperature 1; both mask the sampler's suppressed tokens.
+    grpo_items / optimizer_items: the config sections as sorted (key, value) items. param_shardings: the parameters'
+    NamedShardings as flattened leaves (the updates give new parameters the same ones), or None off a mesh.
+    """
+
+    graphdef: Any
+    temperature: float
+    suppress_tokens: tuple[int, ...]
+    compute_dtype: str
+    grpo_items: tuple[tuple[str, Any], ...]
+    optimizer_items: tuple[tuple[str, Any], ...]
+    param_shardings: tuple[Any, ...] | None
+
+    @classmethod
+    def create(cls, graphdef: Any, params: nnx.State, *, temperature: float, suppress_tokens: Sequence[int],
+               grpo_config: ml_collections.ConfigDict, optimizer_config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh | None) -> StepSpec:
+        shardings = None if mesh is None else tuple(x.sharding for x in jax.tree.leaves(params))
+        return cls(graphdef=graphdef, temperature=float(temperature),
+                   suppress_tokens=tuple(int(t) for t in suppress_tokens),
+                   compute_dtype=str(optimizer_config.compute_dtype), grpo_items=_items(grpo_config),
+                   optimizer_items=_items(optimizer_config), param_shardings=shardings)
+
+    def grpo_config(self) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(dict(self.grpo_items))
+
+    def build_optimizer(self) -> optax.GradientTransformation:
+        return build_optimizer(ml_collections.ConfigDict(dict(self.optimizer_items)))
+
+
+def _items(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+    def frozen(value: Any) -> Any:
+        return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    return tuple(sorted((k, frozen(v)) for k, v in config.to_dict().items()))
+
+
+def policy(spec: StepSpec, params: nnx.State) -> nnx.Module:
+    """The model with `params` cast to the compute dtype."""
+    return nnx.merge(spec.graphdef, cast_floating(params, spec.compute_dtype))
+
+
+def _completion_logprobs(spec: StepSpec, params: nnx.State, inputs: PreparedInputs, features: jax.Array | None,
+                         completions: jax.Array, temperature: float) -> jax.Array:
+    """[R, G, N] float32 log-probs of `completions` [R, G, N] under `params` (the prompt run once)."""
+    return policy(spec, params).completion_logprobs(inputs, completions, features, temperature=temperature,
+                                                    suppress_tokens=spec.suppress_tokens)
+
+
+def _grad_norm(spec: StepSpec, grads: nnx.State) -> jax.Array:
+    """Global norm of the gradients of the trainable parameters (what clipping sees)."""
+    labels = parameter_labels(grads, dict(spec.optimizer_items)["param_rules"])
+    return optax.global_norm(jax.tree.map(lambda g, label: g if label != FROZEN else jnp.zeros_like(g), grads, labels))
+
+
+def _apply(spec: StepSpec, params: nnx.State, opt_state: Any, grads: nnx.State) -> tuple[nnx.State, Any]:
+    updates, opt_state = spec.build_optimizer().update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if spec.param_shardings is not None:
+        shardings = jax.tree.unflatten(jax.tree.structure(params), spec.param_shardings)
+        params = jax.lax.with_sharding_constraint(params, shardings)
+    return params, opt_state
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def rl_init_optimizer(spec: StepSpec, params: nnx.State) -> Any:
+    return spec.build_optimizer().init(params)
+
+
+def rl_encode_vision(spec: StepSpec, params: nnx.State, inputs: PreparedInputs) -> jax.Array | None:
+    return policy(spec, params).encode_vision(inputs)
+
+
+def rl_logprobs(spec: StepSpec, params: nnx.State, inputs: PreparedInputs, features: jax.Array | None,
+                completions: jax.Array) -> jax.Array:
+    return _completion_logprobs(spec, params, inputs, features, completions, spec.temperature)
+
+
+@struct.dataclass
+class Accumulated:
+    """Sums over the micro-batches of one update: gradients of the unreduced loss sum, the sum itself, its
+    denominator, and token-weighted diagnostics (exact accumulation: see `grpo.WeightedLoss`)."""
+
+    grads: nnx.State
+    total: jax.Array  # []
+    denominator: jax.Array  # []
+    clipped: jax.Array  # [] clip fraction * tokens
+    kl: jax.Array  # [] mean k3 KL * tokens (0 when beta == 0)
+    tokens: jax.Array  # [] completion tokens of the real rows
+
+
+def zero_accumulated(params: nnx.State) -> Accumulated:
+    """Empty sums with gradients like `params` (same shardings)."""
+    sums = [jnp.zeros((), jnp.float32) for _ in range(5)]  # distinct buffers: the accumulator is donated
+    return Accumulated(jax.tree.map(jnp.zeros_like, params), *sums)
+
+
+def micro_batches(batch: GrpoBatch, rows: int) -> list[GrpoBatch]:
+    """`batch` split into consecutive slices of `rows` prompt rows (whole groups; R must divide by `rows`).
+
+    Vision features stay whole: the image-token index of every row points into them.
+    """
+    total = batch.completions.shape[0]
+    if rows <= 0 or rows >= total:
+        return [batch]
+    if total % rows:
+        raise ValueError(f"{total} prompt rows do not split into micro-batches of {rows}; choose a divisor")
+
+    def rows_of(x, start, axis=0):
+        return None if x is None else jax.lax.slice_in_dim(x, start, start + rows, axis=axis)
+
+    out = []
+    for start in range(0, total, rows):
+        inputs = batch.inputs.replace(
+            ids=rows_of(batch.inputs.ids, start), mask=rows_of(batch.inputs.mask, start),
+            positions=rows_of(batch.inputs.positions, start, axis=batch.inputs.positions.ndim - 2),
+            next_position=rows_of(batch.inputs.next_position, start),
+            image_index=rows_of(batch.inputs.image_index, start))
+        out.append(batch.replace(
+            inputs=inputs, completions=rows_of(batch.completions, start), mask=rows_of(batch.mask, start),
+            advantages=rows_of(batch.advantages, start), truncated=rows_of(batch.truncated, start),
+            row_mask=rows_of(batch.row_mask, start), old_logp=rows_of(batch.old_logp, start),
+            ref_logp=rows_of(batch.ref_logp, start)))
+    return out
+
+
+def rl_grpo_gradients(spec: StepSpec, params: nnx.State, batch: GrpoBatch, accumulated: Accumulated,
+                      ) -> tuple[Accumulated, jax.Array]:
+    """Adds one micro-batch's GRPO loss sum, denominator and gradients to `accumulated` (donated); also returns
+    the micro-batch's log-probs [R, G, N] under `params`."""
+    r, g, n = batch.completions.shape
+
+    def flat(x):
+        return None if x is None else x.reshape(r * g, n)
+
+    def loss_fn(p):
+        logp = _completion_logprobs(spec, p, batch.inputs, batch.features, batch.completions,
+                                    spec.temperature)  # [R, G, N]
+        weighted, diagnostics = grpo.grpo_loss(
+            flat(logp), batch.advantages.reshape(r * g), flat(batch.mask), spec.grpo_config(),
+            old_logp=flat(batch.old_logp), ref_logp=flat(batch.ref_logp), truncated=batch.truncated.reshape(r * g),
+            row_mask=jnp.repeat(batch.row_mask, g))
+        return weighted.total, (weighted.denominator, logp, diagnostics)
+
+    (total, (denominator, logp, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    tokens = jnp.sum(batch.mask * batch.row_mask[:, None, None])
+    clipped = diagnostics["clip_fraction/low"] + diagnostics["clip_fraction/high"]
+    kl = diagnostics.get("kl/mean", jnp.zeros((), jnp.float32))
+    return Accumulated(
+        grads=jax.tree.map(jnp.add, accumulated.grads, grads), total=accumulated.total + total,
+        denominator=accumulated.denominator + denominator, clipped=accumulated.clipped + clipped * tokens,
+        kl=accumulated.kl + kl * tokens, tokens=accumulated.tokens + tokens), logp
+
+
+def rl_apply_gradients(spec: StepSpec, params: nnx.State, opt_state: Any, accumulated: Accumulated,
+                       ) -> tuple[nnx.State, Any, dict[str, jax.Array]]:
+    """One optimizer step with the accumulated gradients over the summed denominator (the full batch's
+    gradient); returns the loss, gradient norm, clip fraction and mean KL."""
+    denominator = jnp.maximum(accumulated.denominator, 1.0)
+    grads = jax.tree.map(lambda x: x / denominator, accumulated.grads)
+    tokens = jnp.maximum(accumulated.tokens, 1.0)
+    metrics = {"loss": accumulated.total / denominator, "grad_norm": _grad_norm(spec, grads),
+               "clip_fraction": accumulated.clipped / tokens, "kl": accumulated.kl / tokens}
+    params, opt_state = _apply(spec, params, opt_state, grads)
+    return params, opt_state, metrics
+
+
+def rl_sft_update(spec: StepSpec, params: nnx.State, opt_state: Any, batch: SftBatch,
+                  ) -> tuple[nnx.State, Any, dict[str, jax.Array]]:
+    """One optimizer step on the token-mean cross-entropy of the targets (log-probs at temperature 1)."""
+
+    def loss_fn(p):
+        logp = _completion_logprobs(spec, p, batch.inputs, batch.features, batch.targets, 1.0)  # [R, 1, N]
+        return -_masked_mean(logp, batch.mask)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    metrics = {"loss": loss, "grad_norm": _grad_norm(spec, grads)}
+    params, opt_state = _apply(spec, params, opt_state, grads)
+    return params, opt_state, metrics
+
+
+init_optimizer = jax.jit(rl_init_optimizer, static_argnums=0)
+encode_vision = jax.jit(rl_encode_vision, static_argnums=0)
+logprobs = jax.jit(rl_logprobs, static_argnums=0)
+grpo_gradients = jax.jit(rl_grpo_gradients, static_argnums=0, donate_argnums=(3,))
+apply_gradients = jax.jit(rl_apply_gradients, static_argnums=0, donate_argnums=(1, 2))
+sft_update = jax.jit(rl_sft_update, static_argnums=0, donate_argnums=(1, 2))
