@@ -36,14 +36,17 @@ METRICS = ("image_precision", "image_recall", "image_f1", "ordering", "placement
 
 
 def greedy_completions(model: Any, examples: Sequence[PromptExample], *, max_new_tokens: int, batch_size: int,
-                       stop_tokens: Sequence[int], buckets: sampling.Buckets | None = None) -> list[list[int]]:
-    """The greedy completion token ids of each example, `batch_size` prompts per `sampling.generate` call."""
+                       stop_tokens: Sequence[int], suppress_tokens: Sequence[int] = (),
+                       buckets: sampling.Buckets | None = None) -> list[list[int]]:
+    """The greedy completion token ids of each example, `batch_size` prompts per `sampling.generate` call;
+    `suppress_tokens` (e.g. `<|image_pad|>`) are never emitted, as in the trainer's rollouts."""
     out: list[list[int]] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         sampled = sampling.generate(
             model, [list(e.prompt_ids) for e in chunk], images=[e.images for e in chunk],
-            max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=stop_tokens, buckets=buckets)
+            max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=stop_tokens, suppress_tokens=suppress_tokens,
+            buckets=buckets)
         out.extend(sampled.tokens)
     return out
 
@@ -90,10 +93,10 @@ def score_completions(completions: Sequence[str], examples: Sequence[PromptExamp
 
 
 def evaluate(model: Any, examples: Sequence[PromptExample], *, tokenizer: Any, inserter: ml_collections.ConfigDict,
-             max_new_tokens: int, batch_size: int, stop_tokens: Sequence[int],
+             max_new_tokens: int, batch_size: int, stop_tokens: Sequence[int], suppress_tokens: Sequence[int] = (),
              buckets: sampling.Buckets | None = None) -> dict[str, float]:
     """{metric: value} (`METRICS`) of `model`'s greedy completions on `examples` (the validation split's)."""
     completions = greedy_completions(model, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     stop_tokens=stop_tokens, buckets=buckets)
+                                     stop_tokens=stop_tokens, suppress_tokens=suppress_tokens, buckets=buckets)
     texts = [decode_completion(tokenizer, ids, stop_tokens) for ids in completions]
     return score_completions(texts, examples, inserter)

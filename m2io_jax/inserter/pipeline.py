@@ -130,12 +130,7 @@ def tokenizer_texts(datasets: Sequence[SplitDataset], inserter: ml_collections.C
 def build_retrievers(datasets: Sequence[SplitDataset], data: ml_collections.ConfigDict,
                      encoder: retriever_lib.Encoder) -> dict[str, retriever_lib.Retriever]:
     """One retriever per dataset over its whole corpus (chunking and retrieval settings of the data config)."""
-    return {
-        ds.name: retriever_lib.Retriever.build(
-            ds.documents, encoder, max_tokens=data.chunk.max_tokens, batch_size=data.retrieval.batch_size,
-            index_overrides=data.retrieval.index.to_dict())
-        for ds in datasets
-    }
+    return {ds.name: retriever_lib.Retriever.from_config(ds.documents, encoder, data) for ds in datasets}
 
 
 def build_examples(

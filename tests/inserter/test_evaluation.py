@@ -22,7 +22,8 @@ def test_tiny_model_evaluation_returns_every_metric(validation):
     model = models.from_pretrained(setup.checkpoint)
     tokenizer = setup.processor.tokenizer
     result = evaluation.evaluate(model, examples[:4], tokenizer=tokenizer, inserter=setup.config.inserter,
-                                 max_new_tokens=8, batch_size=4, stop_tokens=pipeline.stop_token_ids(tokenizer))
+                                 max_new_tokens=8, batch_size=4, stop_tokens=pipeline.stop_token_ids(tokenizer),
+                                 suppress_tokens=[tokenizer.convert_tokens_to_ids("<|image_pad|>")])
     assert list(result) == list(evaluation.METRICS)
     assert result["examples"] == 4.0
     for name, value in result.items():

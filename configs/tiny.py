@@ -1,0 +1,46 @@
+"""The CPU demo of the whole method: a tiny Qwen2.5-VL inserter, SFT then GRPO, on the embedded demo corpus.
+
+    python -m m2io_jax.train --config=configs/tiny.py --workdir=/tmp/tiny_run
+
+The model is built at run time (`m2io_jax.models.tiny`): a byte-level BPE tokenizer trained on the demo corpus
+and the rendered completions (so `<img3>@2` is a few tokens), a 2-layer decoder of width 64 and a 2-block
+vision tower; about 0.2M parameters. The vision tower is frozen (random features are still distinct per image,
+and its backward pass would double the step time on CPU); the decoder and the merger's input embedding train.
+Anchors format, no `<think>`, captions shown. Sized to finish within 15 minutes on a 2-core CPU (README).
+"""
+
+import ml_collections
+
+from m2io_jax import train_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = train_config.get_config()
+    c.data.retrieval.top_k = 3
+    c.data.candidates.max_images = 6
+    c.pipeline.max_prompt_tokens = 512
+    c.inserter.output_format = "anchors"
+    c.inserter.think = False
+
+    c.sft.num_steps = 60
+    c.sft.batch_size = 8
+    c.sft.optimizer.learning_rate = 3e-3
+    c.sft.optimizer.warmup_steps = 5
+    c.sft.optimizer.total_steps = c.sft.num_steps
+    c.sft.optimizer.param_rules = ((r"visual/.*", "frozen"),)
+    c.sft.optimizer.compute_dtype = "float32"
+
+    c.grpo.num_steps = 40
+    c.grpo.batch_size = 4
+    c.grpo.num_generations = 8
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 2
+    c.optimizer.total_steps = c.grpo.num_steps
+    c.optimizer.param_rules = ((r"visual/.*", "frozen"),)
+    c.optimizer.compute_dtype = "float32"
+    c.rollout.max_new_tokens = 16
+    c.rollout.temperature = 1.0
+
+    c.eval.batch_size = 16
+    c.eval.max_new_tokens = 16
+    return c

@@ -1,0 +1,270 @@
+"""Trains the inserter: SFT on gold insertions, then GRPO, with held-out evaluation after each stage.
+
+    python -m m2io_jax.train --config=configs/tiny.py --workdir=/tmp/tiny_run
+    python -m m2io_jax.train --config=configs/tiny.py --workdir=/tmp/run --config.grpo.num_steps=50
+
+Settings: `--config` (default `m2io_jax/train_config.py`, whose docstring lists every section), overridden by
+`--config.x=`; the stage lengths are `config.sft.num_steps` and `config.grpo.num_steps`.
+
+The run: read the datasets (`inserter.sources`); take the model from `config.model.checkpoint` or build a tiny
+Qwen2.5-VL into `{workdir}/init` (tokenizer trained on this corpus and the rendered completions); retrieve,
+build candidates and prompts once for the train and validation splits (`inserter.pipeline`); run the SFT stage
+then the GRPO stage through `m2io_jax.rl.trainer.Trainer` with the inserter's reward (`inserter.task`);
+evaluate greedily on the validation split before training and after each stage (`inserter.evaluation`).
+
+Writes in the workdir:
+  config.json     the config of the run
+  run.json        git commit (and whether the tree had changes), package versions, devices, command line
+  data.json       the pipeline's counts per split and dataset (truncated / over-budget prompts, ...)
+  metrics.jsonl   one JSON object per logged step: step, stage ("sft" / "grpo"), the trainer's metrics
+                  (losses, rewards and their components, tied groups, time/* split) and time/data
+  eval.json       {stage: {metric: value}} for the stages "init" (before training), "sft" and "grpo"
+  sft/, final/    the model after SFT and at the end, as Hugging Face directories with the tokenizer and the
+                  preprocessor config (`m2io_jax.models.from_pretrained` loads them)
+and prints one progress line per logged step with the time per step and the ETA of the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import flags
+
+from m2io_jax import cli, models, sharding, train_config
+from m2io_jax.inserter import evaluation, pipeline, sources
+from m2io_jax.inserter.task import RewardAdapter
+from m2io_jax.models import sentence_encoder, tiny
+from m2io_jax.models.qwen2_5_vl_processor import IMAGE_PAD, Qwen2_5_VLProcessor
+from m2io_jax.rl.trainer import PromptBatch, RewardResult, Trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for the run's outputs (created if missing; required)")
+_CONFIG = cli.define_config(train_config, "training settings (default: m2io_jax/train_config.py)")
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "grain", "transformers", "tokenizers", "numpy", "ml-collections",
+            "tensorflow-datasets", "scann", "m2io-jax")
+SPLITS = ("train", "validation")
+_COPIED_FILES = ("chat_template.json", "generation_config.json")  # Hugging Face files save_pretrained does not write
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Turns on JAX's persistent compilation cache in `directory` ("" leaves it off)."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run_record(argv: Sequence[str]) -> dict[str, Any]:
+    """The git commit of the package's checkout (None outside one), package versions, devices and command line."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
+            "packages": versions, "python": sys.version.split()[0],
+            "devices": [str(d) for d in jax.devices()], "argv": list(argv)}
+
+
+def write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True, allow_nan=True)
+        f.write("\n")
+
+
+def model_checkpoint(config: ml_collections.ConfigDict, datasets: Sequence[sources.SplitDataset], workdir: str) -> str:
+    """`config.model.checkpoint`, or a tiny Qwen2.5-VL built into `{workdir}/init` (kept when already there)."""
+    if config.model.checkpoint:
+        if not os.path.isfile(os.path.join(config.model.checkpoint, "config.json")):
+            raise cli.UserError(f"config.model.checkpoint={config.model.checkpoint}: no config.json there (expected "
+                                f"a local Hugging Face Qwen2.5-VL directory)")
+        return config.model.checkpoint
+    path = os.path.join(workdir, "init")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        spec = config.model.tiny
+        texts = pipeline.tokenizer_texts(datasets, config.inserter, max_images=config.data.candidates.max_images)
+        tiny.build_tiny_checkpoint(path, texts, kind="qwen2_5_vl", vocab_size=spec.vocab_size,
+                                   text_shape=spec.text_shape.to_dict(), vision_shape=spec.vision_shape.to_dict(),
+                                   seed=spec.seed, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    return path
+
+
+def save_model(model: Any, processor: Qwen2_5_VLProcessor, source: str, path: str) -> None:
+    """`model` as a Hugging Face directory at `path`, with the tokenizer, preprocessor and chat template files."""
+    models.save_pretrained(model, path)
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    for name in _COPIED_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(path, name))
+
+
+def prepare_examples(config: ml_collections.ConfigDict, datasets: Sequence[sources.SplitDataset],
+                     processor: Qwen2_5_VLProcessor) -> tuple[dict[str, list[pipeline.PromptExample]], dict]:
+    """The examples of the train and validation splits over all datasets, and the pipeline's counts of each."""
+    encoder = sentence_encoder.load_encoder(config.data.retrieval.encoder_path)
+    retrievers = pipeline.build_retrievers(datasets, config.data, encoder)
+    examples: dict[str, list[pipeline.PromptExample]] = {split: [] for split in SPLITS}
+    counts: dict[str, dict[str, dict[str, int]]] = {split: {} for split in SPLITS}
+    for ds in datasets:
+        for split in SPLITS:
+            found, split_counts = pipeline.build_examples(
+                ds, split, retriever=retrievers[ds.name], processor=processor, data=config.data,
+                inserter=config.inserter, pipeline=config.pipeline)
+            examples[split] += found
+            counts[split][ds.name] = dict(split_counts)
+    return examples, counts
+
+
+def prompt_batch(batch: Sequence[pipeline.PromptExample], *, with_targets: bool) -> PromptBatch:
+    return PromptBatch(token_ids=[list(e.prompt_ids) for e in batch], images=[e.images for e in batch],
+                       examples=[e.example for e in batch],
+                       targets=[list(e.target_ids) for e in batch] if with_targets else None)
+
+
+class Progress:
+    """metrics.jsonl and the console line: one record per logged step, time per step and the run's ETA."""
+
+    def __init__(self, workdir: str, stage_steps: dict[str, int], log_every: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.stage_steps = stage_steps
+        self.log_every = max(1, log_every)
+        self.durations: dict[str, list[float]] = collections.defaultdict(list)
+        open(self.path, "w", encoding="utf-8").close()
+
+    def eta_seconds(self, stage: str, step: int) -> float:
+        """Remaining steps of this and later stages at the mean step time measured so far (this stage's first)."""
+        per_step = self.durations[stage] or [d for values in self.durations.values() for d in values]
+        mean = sum(per_step) / len(per_step)
+        stages = list(self.stage_steps)
+        later = sum(self.stage_steps[s] for s in stages[stages.index(stage) + 1:])
+        return mean * (self.stage_steps[stage] - step + later)
+
+    def log(self, stage: str, step: int, seconds: float, metrics: dict[str, float]) -> None:
+        self.durations[stage].append(seconds)
+        if step % self.log_every and step != self.stage_steps[stage]:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "stage": stage, **metrics}, allow_nan=True) + "\n")
+        key = "loss" if stage == "sft" else "reward/mean"
+        eta = self.eta_seconds(stage, step)
+        print(f"[{stage} {step}/{self.stage_steps[stage]}] {key}={metrics.get(key, math.nan):.4f} "
+              f"{seconds:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
+
+
+def run_stage(stage: str, trainer: Trainer, batches: Iterator[list[pipeline.PromptExample]], num_steps: int,
+              progress: Progress) -> None:
+    """`num_steps` SFT or GRPO steps (`stage`), each logged with the time spent waiting for data."""
+    for step in range(1, num_steps + 1):
+        start = time.perf_counter()
+        batch = next(batches)
+        data_seconds = time.perf_counter() - start
+        if stage == "sft":
+            metrics = trainer.sft_step(prompt_batch(batch, with_targets=True))
+        else:
+            metrics = trainer.grpo_step(prompt_batch(batch, with_targets=False), step)
+        progress.log(stage, step, time.perf_counter() - start, {**metrics, "time/data": data_seconds})
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """Runs the training described in the module docstring; returns eval.json's content."""
+    enable_compilation_cache(config.compilation_cache_dir)
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    write_json(os.path.join(workdir, "run.json"), run_record(argv))
+
+    datasets = sources.load_datasets(config.data, image_dir=os.path.join(workdir, "images"))
+    checkpoint = model_checkpoint(config, datasets, workdir)
+    mesh = sharding.make_mesh(config.mesh.to_dict()) if config.mesh else None
+    model = models.from_pretrained(checkpoint, mesh=mesh)
+    processor = Qwen2_5_VLProcessor.from_pretrained(checkpoint, config=model.config, **config.model.processor)
+    examples, counts = prepare_examples(config, datasets, processor)
+    write_json(os.path.join(workdir, "data.json"), counts)
+    print(f"examples: train {len(examples['train'])}, validation {len(examples['validation'])} "
+          f"(counts in {os.path.join(workdir, 'data.json')})", flush=True)
+    sft_examples = [e for e in examples["train"] if e.target_ids is not None]
+    validation = examples["validation"][:config.eval.max_examples or None]
+    if not validation:
+        raise cli.UserError("the validation split has no example: evaluation needs at least one "
+                            "(see data.json for what the pipeline left out)")
+
+    tokenizer = processor.tokenizer
+    stop_tokens = pipeline.stop_token_ids(tokenizer)
+    suppress_tokens = (tokenizer.convert_tokens_to_ids(IMAGE_PAD),)
+    adapter = RewardAdapter(tokenizer, config.inserter, stop_tokens)
+
+    def reward_fn(batch_examples: Sequence[Any], completions: Sequence[Sequence[int]]) -> RewardResult:
+        scored = adapter(batch_examples, completions)
+        return RewardResult(total=scored.total, components=scored.components, counts=scored.counts)
+
+    def evaluate(policy: Any) -> dict[str, float]:
+        return evaluation.evaluate(policy, validation, tokenizer=tokenizer, inserter=config.inserter,
+                                   max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                                   stop_tokens=stop_tokens, suppress_tokens=suppress_tokens)
+
+    results: dict[str, dict[str, float]] = {}
+
+    def record_eval(stage: str, policy: Any) -> None:
+        results[stage] = evaluate(policy)
+        write_json(os.path.join(workdir, "eval.json"), results)
+        print(f"eval {stage}: " + " ".join(f"{k}={v:.4f}" for k, v in results[stage].items()), flush=True)
+
+    if config.eval.before_training:
+        record_eval("init", model)
+    stage_steps = {"sft": config.sft.num_steps, "grpo": config.grpo.num_steps}
+    progress = Progress(workdir, {stage: n for stage, n in stage_steps.items() if n > 0}, config.log_every)
+    seed = config.seed
+    if config.sft.num_steps > 0:
+        if not sft_examples:
+            raise cli.UserError("config.sft.num_steps > 0 but no training example has an SFT target (gold anchors "
+                                "unknown for all); set config.sft.num_steps=0")
+        sft_config = ml_collections.ConfigDict({"grpo": config.grpo, "optimizer": config.sft.optimizer,
+                                                "rollout": config.rollout})
+        trainer = Trainer(model, sft_config, reward_fn=None, stop_tokens=stop_tokens,
+                          suppress_tokens=suppress_tokens, mesh=mesh)
+        run_stage("sft", trainer, pipeline.batches(sft_examples, batch_size=config.sft.batch_size, seed=seed),
+                  config.sft.num_steps, progress)
+        model = trainer.model
+        save_model(model, processor, checkpoint, os.path.join(workdir, "sft"))
+        record_eval("sft", model)
+    if config.grpo.num_steps > 0:
+        trainer = Trainer(model, config, reward_fn=reward_fn, stop_tokens=stop_tokens,
+                          suppress_tokens=suppress_tokens, mesh=mesh)
+        run_stage("grpo", trainer, pipeline.batches(examples["train"], batch_size=config.grpo.batch_size,
+                                                     seed=seed + 1), config.grpo.num_steps, progress)
+        model = trainer.model
+        record_eval("grpo", model)
+    save_model(model, processor, checkpoint, os.path.join(workdir, "final"))
+    return results
+
+
+def main(argv: Sequence[str]) -> None:
+    cli.no_positional_arguments(argv)
+    cli.require(_WORKDIR)
+    train(_CONFIG.value, _WORKDIR.value, sys.argv)
+
+
+if __name__ == "__main__":
+    cli.run(main)
