@@ -138,7 +138,7 @@ def time_transformers(model, prompts, w: Workload) -> float:
     return elapsed
 
 
-class _IdTokenizer:
+class IdTokenizer:
     """tunix tokenizer adapter over space-separated token ids (prompts are already token ids)."""
 
     def encode(self, text: str, **_) -> list[int]:
@@ -179,18 +179,24 @@ def _precompile_tunix(sampler, texts: list[str], w: Workload) -> None:
     sampler._compiled_decode_fn.lower(params, after_prefill).compile()
 
 
-def time_tunix(directory: str, shape: dict, prompts, w: Workload) -> float:
-    from tunix.generate.sampler import CacheConfig, Sampler
+def tunix_model_config(shape: dict):
+    """tunix's Qwen2 ModelConfig of the checkpoint `write_checkpoint(shape, ...)` writes."""
     from tunix.models.qwen2 import model as tunix_model
-    from tunix.models.qwen2 import params as tunix_params
 
     d, heads = shape["hidden_size"], shape["num_attention_heads"]
-    config = tunix_model.ModelConfig(
+    return tunix_model.ModelConfig(
         num_layers=shape["num_hidden_layers"], vocab_size=shape["vocab_size"], embed_dim=d,
         hidden_dim=shape["intermediate_size"], num_heads=heads, head_dim=d // heads,
         num_kv_heads=shape["num_key_value_heads"], rope_theta=1_000_000, norm_eps=1e-6, use_tied_embedding=True)
+
+
+def time_tunix(directory: str, shape: dict, prompts, w: Workload) -> float:
+    from tunix.generate.sampler import CacheConfig, Sampler
+    from tunix.models.qwen2 import params as tunix_params
+
+    config = tunix_model_config(shape)
     model = tunix_params.create_model_from_safe_tensors(directory, config)
-    sampler = Sampler(model, _IdTokenizer(), CacheConfig(cache_size=w.prompt + w.new, num_layers=config.num_layers,
+    sampler = Sampler(model, IdTokenizer(), CacheConfig(cache_size=w.prompt + w.new, num_layers=config.num_layers,
                                                          num_kv_heads=config.num_kv_heads, head_dim=config.head_dim))
     texts = [" ".join(map(str, p)) for p in prompts for _ in range(w.samples)]
     kwargs = dict(max_generation_steps=w.new, max_prompt_length=w.prompt, temperature=1.0, top_p=1.0,

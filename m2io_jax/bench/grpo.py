@@ -1,0 +1,305 @@
+"""GRPO step throughput: m2io_jax's `rl.Trainer` against tunix's `GRPOLearner`.
+
+    python -m m2io_jax.bench.grpo [--size=40m] [--workloads=1024x128,128x128] [--steps=3] [--skip_peer]
+
+The random Qwen2 of `m2io_jax.bench.sampler` (`--size`, `--workloads` and `--samples` are that module's flags)
+is written once as a Hugging Face safetensors checkpoint and loaded by both sides, float32, on the same CPU
+threads. One step = rollout of 8 prompts of P random tokens x G samples (temperature 1, exactly N new tokens, no
+stop token) + reference log-probs + one AdamW update, with the same settings on both sides: G = 8, beta = 0.04
+(k3 KL to the reference), epsilon = 0.2, one iteration per rollout, sequence-mean token-mean loss, the same
+optax optimizer object (`rl.optimizer.build_optimizer`) and the same reward: the fraction of a completion's
+tokens in a fixed id set (`reward_of`), computed from token ids (tunix hands its reward function the decoded
+text, which here is the ids separated by spaces).
+
+- m2io_jax: `rl.Trainer.grpo_step` (each prompt prefilled once and shared by its G samples in the rollout and
+  once per log-prob pass); its metrics give the time split rollout / reward / logprobs / update.
+- tunix: `GRPOLearner.train` over an `RLCluster` (vanilla rollout, actor and reference loaded separately from the
+  checkpoint, one 1 x 1 mesh), prompts repeated G times as it does. Its steps are timed where the learner draws
+  each batch from the dataset; its split comes from timers around the cluster's rollout, reference log-prob,
+  reward and actor-update calls. Its log-prob and update passes compute logits over prompt and completion,
+  so they run in micro-batches of `peer_micro_batch_prompts` prompts (same gradient, one optimizer update)
+  sized to keep the logits of a micro-batch under `--peer_logits_gib`.
+
+The first `--warmup_steps` steps (compilation) are excluded; figures are medians over `--steps` timed steps.
+Each step draws fresh prompts (the same on both sides). The last line is one JSON object with, per workload,
+`ratio_<P>x<N>` (m2io_jax steps/s over tunix's), both sides' steps/s and our time split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import flags
+
+from m2io_jax import cli
+from m2io_jax.bench import sampler as bench_sampler
+from m2io_jax.bench.sampler import NUM_PROMPTS, SIZES, Workload
+
+_STEPS = flags.DEFINE_integer("steps", 3, "timed GRPO steps per side and workload")
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 2, "untimed steps first (compilation; our optimizer update "
+                                     "compiles again at the second step)")
+_SKIP_PEER = flags.DEFINE_bool("skip_peer", False, "time m2io_jax only")
+_PEER_LOGITS_GIB = flags.DEFINE_float("peer_logits_gib", 1.5, "largest logits of one tunix micro-batch, GiB")
+
+BETA = 0.04
+EPSILON = 0.2
+LEARNING_RATE = 1e-6
+REWARD_MODULUS = 4
+SPLIT = ("rollout", "reward", "logprobs", "update")
+
+
+def reward_of(token_ids: Sequence[int]) -> float:
+    """Fraction of `token_ids` divisible by REWARD_MODULUS: a cheap reward in [0, 1] that both sides compute
+    alike from token ids."""
+    ids = np.asarray(token_ids, np.int64)
+    return float(np.mean(ids % REWARD_MODULUS == 0)) if ids.size else 0.0
+
+
+def step_prompts(vocab: int, w: Workload, step: int) -> list[list[int]]:
+    """The prompts of step `step` (a fresh draw per step, the same on both sides)."""
+    return bench_sampler.random_prompts(vocab, w, seed=1000 + step)
+
+
+def trainer_config(w: Workload):
+    """The m2io_jax trainer config of workload `w` (GRPO settings of the module docstring, float32)."""
+    from m2io_jax.rl.config import get_trainer_config
+
+    config = get_trainer_config()
+    config.grpo.num_generations = w.samples
+    config.grpo.beta = BETA
+    config.grpo.epsilon = EPSILON
+    config.grpo.num_iterations = 1
+    config.grpo.loss_type = "grpo"
+    config.optimizer.learning_rate = LEARNING_RATE
+    config.optimizer.warmup_steps = 0
+    config.optimizer.compute_dtype = "float32"
+    config.rollout.max_new_tokens = w.new
+    config.rollout.temperature = 1.0
+    config.rollout.prompt_lengths = (w.prompt,)
+    config.rollout.batch_sizes = (NUM_PROMPTS,)
+    return config
+
+
+@dataclasses.dataclass
+class SideResult:
+    """Per-step wall times (warm-up included), the time split per step, every reward computed and the programs
+    compiled so far after each step (m2io_jax only: tunix does not count them)."""
+
+    step_seconds: list[float]
+    split: list[dict[str, float]]
+    rewards: list[float]
+    compiled: list[float] | None = None
+
+    def compiles_in_timed_steps(self, warmup: int) -> int:
+        """Programs compiled during the timed steps (0 for a steady-state measurement)."""
+        if not self.compiled:
+            return 0
+        before = self.compiled[warmup - 1] if warmup else 0.0
+        return int(self.compiled[-1] - before)
+
+    def timed(self, warmup: int) -> list[float]:
+        return self.step_seconds[warmup:]
+
+    def steps_per_second(self, warmup: int) -> float:
+        return 1.0 / statistics.median(self.timed(warmup))
+
+    def median_split(self, warmup: int) -> dict[str, float]:
+        return {k: statistics.median(s[k] for s in self.split[warmup:]) for k in SPLIT}
+
+
+def run_m2io(directory: str, shape: dict, w: Workload, total_steps: int) -> SideResult:
+    """`total_steps` GRPO steps of `rl.Trainer` on the checkpoint in `directory`."""
+    from m2io_jax import models
+    from m2io_jax.rl.trainer import PromptBatch, RewardResult, Trainer
+
+    rewards: list[float] = []
+
+    def reward_fn(examples, completions) -> RewardResult:
+        total = np.array([reward_of(c) for c in completions], np.float32)
+        rewards.extend(total.tolist())
+        return RewardResult(total=total, components={}, counts={})
+
+    trainer = Trainer(models.from_pretrained(directory), trainer_config(w), reward_fn=reward_fn, stop_tokens=())
+    seconds, split, compiled = [], [], []
+    for step in range(total_steps):
+        prompts = step_prompts(shape["vocab_size"], w, step)
+        batch = PromptBatch(token_ids=prompts, images=None, examples=[None] * len(prompts))
+        start = time.perf_counter()
+        metrics = trainer.grpo_step(batch, step)
+        seconds.append(time.perf_counter() - start)
+        split.append({k: metrics[f"time/{k}"] for k in SPLIT})
+        compiled.append(metrics["compiled_programs"])
+        if metrics["completion_length"] != w.new:
+            raise RuntimeError(f"m2io_jax completions average {metrics['completion_length']} tokens; expected {w.new}")
+    return SideResult(seconds, split, rewards, compiled)
+
+
+def peer_micro_batch_prompts(shape: dict, w: Workload, logits_gib: float) -> int:
+    """Largest divisor of NUM_PROMPTS whose tunix micro-batch logits [m * G, P + N, V] float32 fit `logits_gib`."""
+    per_prompt = w.samples * (w.prompt + w.new) * shape["vocab_size"] * 4 / 2**30
+    fitting = [m for m in range(1, NUM_PROMPTS + 1) if NUM_PROMPTS % m == 0 and m * per_prompt <= logits_gib]
+    return max(fitting, default=1)
+
+
+class _StepClock:
+    """Timestamps of the learner drawing each batch (a step's start) and per-step sums of timed calls."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+        self.split: list[dict[str, float]] = []
+
+    def batches(self, batches: Sequence[dict[str, Any]]):
+        for batch in batches:
+            self.starts.append(time.perf_counter())
+            self.split.append(dict.fromkeys(SPLIT, 0.0))
+            yield batch
+
+    def timed(self, name: str, fn: Callable, *, block: bool = False) -> Callable:
+        import jax
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if block:
+                jax.block_until_ready(out)
+            self.split[-1][name] += time.perf_counter() - start
+            return out
+
+        return wrapper
+
+
+def run_tunix(directory: str, shape: dict, w: Workload, total_steps: int, micro_prompts: int) -> SideResult:
+    """`total_steps` steps of tunix's GRPOLearner on the checkpoint in `directory` (module docstring)."""
+    import jax
+    from tunix.models.qwen2 import params as tunix_params
+    from tunix.rl import rl_cluster as rl_cluster_lib
+    from tunix.rl.grpo import grpo_learner
+    from tunix.rl.rollout import base_rollout
+
+    from m2io_jax.rl.optimizer import build_optimizer
+
+    config = trainer_config(w)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
+    model_config = bench_sampler.tunix_model_config(shape)
+    with mesh:
+        actor = tunix_params.create_model_from_safe_tensors(directory, model_config, mesh)
+        reference = tunix_params.create_model_from_safe_tensors(directory, model_config, mesh)
+    rollout_config = base_rollout.RolloutConfig(
+        max_tokens_to_generate=w.new, max_prompt_length=w.prompt, kv_cache_size=w.prompt + w.new, temperature=1.0,
+        top_p=1.0, top_k=None, eos_tokens=[-1])
+    training_config = rl_cluster_lib.RLTrainingConfig(
+        actor_optimizer=build_optimizer(config.optimizer), eval_every_n_steps=10**9, max_steps=total_steps,
+        mini_batch_size=NUM_PROMPTS, train_micro_batch_size=micro_prompts, rollout_micro_batch_size=NUM_PROMPTS,
+        compute_logps_micro_batch_size=micro_prompts)
+    roles = (rl_cluster_lib.Role.ACTOR, rl_cluster_lib.Role.REFERENCE, rl_cluster_lib.Role.ROLLOUT)
+    cluster = rl_cluster_lib.RLCluster(
+        actor=actor, reference=reference, tokenizer=bench_sampler.IdTokenizer(),
+        cluster_config=rl_cluster_lib.ClusterConfig(role_to_mesh={r: mesh for r in roles}, rollout_engine="vanilla",
+                                                    training_config=training_config, rollout_config=rollout_config))
+    rewards: list[float] = []
+
+    def reward_fn(prompts, completions, **_):
+        values = [reward_of([int(t) for t in text.split()]) for text in completions]
+        rewards.extend(values)
+        return values
+
+    grpo_config = grpo_learner.GRPOConfig(num_generations=w.samples, num_iterations=1, beta=BETA, epsilon=EPSILON,
+                                          kl_loss_mode="low_var_kl", loss_agg_mode="sequence-mean-token-mean")
+    learner = grpo_learner.GRPOLearner(cluster, grpo_config, reward_fns=reward_fn)
+    clock = _StepClock()
+    cluster.generate = clock.timed("rollout", cluster.generate)
+    cluster.get_ref_per_token_logps = clock.timed("logprobs", cluster.get_ref_per_token_logps, block=True)
+    learner._compute_rewards = clock.timed("reward", learner._compute_rewards)
+    cluster.update_actor = clock.timed("update", cluster.update_actor)
+    batches = [{"prompts": np.array([" ".join(map(str, p)) for p in step_prompts(shape["vocab_size"], w, step)])}
+               for step in range(total_steps)]  # an array: the learner repeats each prompt G times with np.repeat
+    learner.train(clock.batches(batches))
+    end = time.perf_counter()
+    if len(clock.starts) != total_steps or cluster.actor_trainer.train_steps != total_steps:
+        raise RuntimeError(f"tunix drew {len(clock.starts)} batches and made {cluster.actor_trainer.train_steps} "
+                           f"updates; expected {total_steps} of each")
+    seconds = list(np.diff([*clock.starts, end]))
+    return SideResult(seconds, clock.split, rewards)
+
+
+def _finite_rewards(name: str, result: SideResult, expected: int) -> None:
+    if len(result.rewards) != expected or not all(0.0 <= r <= 1.0 for r in result.rewards):
+        raise RuntimeError(f"{name}: {len(result.rewards)} rewards (expected {expected}), range "
+                           f"[{min(result.rewards, default=np.nan)}, {max(result.rewards, default=np.nan)}]")
+
+
+def run_workload(directory: str, size: str, w: Workload, *, steps: int, warmup: int, peer: bool,
+                 logits_gib: float) -> dict[str, Any]:
+    """Both sides on workload `w`; prints its table and returns its figures."""
+    shape = SIZES[size]
+    total = warmup + steps
+    sides = {"m2io_jax": run_m2io(directory, shape, w, total)}
+    micro = peer_micro_batch_prompts(shape, w, logits_gib)
+    if peer:
+        sides["tunix"] = run_tunix(directory, shape, w, total, micro)
+    for name, result in sides.items():
+        _finite_rewards(name, result, total * NUM_PROMPTS * w.samples)
+    print(f"\n{size} model, prompt {w.prompt} + {w.new} new, {NUM_PROMPTS} prompts x G={w.samples}, beta {BETA}; "
+          f"median of {steps} steps after {warmup} warm-up"
+          + (f"; tunix log-prob/update micro-batches of {micro} prompts" if peer else ""))
+    print(f"  {'side':10s} {'s/step':>8s} {'steps/s':>8s} " + " ".join(f"{k:>9s}" for k in SPLIT))
+    for name, result in sides.items():
+        split = result.median_split(warmup)
+        print(f"  {name:10s} {statistics.median(result.timed(warmup)):8.2f} {result.steps_per_second(warmup):8.4f} "
+              + " ".join(f"{split[k]:9.2f}" for k in SPLIT))
+    out: dict[str, Any] = {
+        "workload": str(w),
+        "steps_per_s": {k: round(r.steps_per_second(warmup), 5) for k, r in sides.items()},
+        "time_split_s": {k: {s: round(v, 3) for s, v in r.median_split(warmup).items()} for k, r in sides.items()},
+        "steps": {k: len(r.step_seconds) for k, r in sides.items()},
+        "reward_range": {k: [min(r.rewards), max(r.rewards)] for k, r in sides.items()},
+        "m2io_jax_compiles_in_timed_steps": sides["m2io_jax"].compiles_in_timed_steps(warmup),
+    }
+    if peer:
+        ratio = sides["m2io_jax"].steps_per_second(warmup) / sides["tunix"].steps_per_second(warmup)
+        out["ratio"] = round(ratio, 3)
+        out["tunix_micro_batch_prompts"] = micro
+        print(f"  m2io_jax / tunix: {ratio:.2f}x")
+    return out
+
+
+def main(argv: Sequence[str]) -> None:
+    cli.no_positional_arguments(argv)
+    size = flags.FLAGS.size
+    workloads = bench_sampler.parse_workloads(flags.FLAGS["workloads"], flags.FLAGS.samples)
+    if _STEPS.value < 1 or _WARMUP_STEPS.value < 0:
+        raise cli.UserError(f"--steps={_STEPS.value} must be >= 1 and --warmup_steps={_WARMUP_STEPS.value} >= 0")
+
+    import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # tunix logs every prompt of every step at INFO
+    print(f"devices: {jax.devices()}; jax {jax.__version__}")
+    max_length = max(4096, max(w.prompt + w.new for w in workloads))
+    results = []
+    with tempfile.TemporaryDirectory() as directory:
+        torch_model = bench_sampler.write_checkpoint(SIZES[size], directory, max_length)
+        n_params = sum(p.numel() for p in torch_model.parameters())
+        del torch_model
+        print(f"model {size}: {n_params / 1e6:.1f}M parameters (tied embeddings), float32")
+        for w in workloads:
+            results.append(run_workload(directory, size, w, steps=_STEPS.value, warmup=_WARMUP_STEPS.value,
+                                        peer=not _SKIP_PEER.value, logits_gib=_PEER_LOGITS_GIB.value))
+    summary: dict[str, Any] = {"size": size}
+    for r in results:
+        key = r["workload"].replace("+", "x")
+        if "ratio" in r:
+            summary[f"ratio_{key}"] = r["ratio"]
+        summary[key] = {k: v for k, v in r.items() if k not in ("workload", "ratio")}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    cli.run(main)
