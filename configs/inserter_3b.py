@@ -38,14 +38,14 @@ def get_config(checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.Con
     c.sft.num_steps = 200
     c.sft.batch_size = 32
     c.sft.optimizer.learning_rate = 1e-5
-    c.sft.optimizer.total_steps = c.sft.num_steps
+    c.sft.optimizer.total_steps = c.sft.get_ref("num_steps")  # follows --config.sft.num_steps
     c.sft.optimizer.param_rules = (VISION,)
 
     c.grpo.num_steps = 500
     c.grpo.batch_size = 32
     c.grpo.num_generations = 8
     c.grpo.beta = 0.04
-    c.optimizer.total_steps = c.grpo.num_steps
+    c.optimizer.total_steps = c.grpo.get_ref("num_steps")
     c.optimizer.param_rules = (VISION,)
     c.rollout.max_new_tokens = 512
 

@@ -21,26 +21,28 @@ def get_config() -> ml_collections.ConfigDict:
     c.pipeline.max_prompt_tokens = 512
     c.inserter.output_format = "anchors"
     c.inserter.think = False
+    c.print_every = 25
 
-    c.sft.num_steps = 60
+    c.sft.num_steps = 500
     c.sft.batch_size = 8
     c.sft.optimizer.learning_rate = 3e-3
-    c.sft.optimizer.warmup_steps = 5
-    c.sft.optimizer.total_steps = c.sft.num_steps
+    c.sft.optimizer.warmup_steps = 20
+    c.sft.optimizer.total_steps = c.sft.get_ref("num_steps")  # follows --config.sft.num_steps
     c.sft.optimizer.param_rules = ((r"visual/.*", "frozen"),)
     c.sft.optimizer.compute_dtype = "float32"
 
-    c.grpo.num_steps = 40
-    c.grpo.batch_size = 4
+    c.grpo.num_steps = 300
+    c.grpo.batch_size = 8
     c.grpo.num_generations = 8
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 2
-    c.optimizer.total_steps = c.grpo.num_steps
+    c.optimizer.learning_rate = 5e-4
+    c.optimizer.warmup_steps = 10
+    c.optimizer.total_steps = c.grpo.get_ref("num_steps")
     c.optimizer.param_rules = ((r"visual/.*", "frozen"),)
     c.optimizer.compute_dtype = "float32"
-    c.rollout.max_new_tokens = 16
+    c.rollout.max_new_tokens = 32  # four placements and the tags take ~27 tokens
+    c.rollout.prompt_lengths = (c.pipeline.max_prompt_tokens,)  # one prompt bucket: one compile per program
     c.rollout.temperature = 1.0
 
     c.eval.batch_size = 16
-    c.eval.max_new_tokens = 16
+    c.eval.max_new_tokens = 32
     return c

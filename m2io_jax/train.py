@@ -145,33 +145,40 @@ def prompt_batch(batch: Sequence[pipeline.PromptExample], *, with_targets: bool)
 
 
 class Progress:
-    """metrics.jsonl and the console line: one record per logged step, time per step and the run's ETA."""
+    """metrics.jsonl (every `log_every` steps) and a console line (every `print_every` steps) with the ETA.
 
-    def __init__(self, workdir: str, stage_steps: dict[str, int], log_every: int):
+    The ETA is the remaining steps of this and later stages at the mean time of the last `_RECENT` steps (the
+    first steps of a stage also compile, so a mean over all steps would overstate the rest).
+    """
+
+    _RECENT = 20
+
+    def __init__(self, workdir: str, stage_steps: dict[str, int], *, log_every: int, print_every: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.stage_steps = stage_steps
         self.log_every = max(1, log_every)
+        self.print_every = max(1, print_every)
         self.durations: dict[str, list[float]] = collections.defaultdict(list)
         open(self.path, "w", encoding="utf-8").close()
 
-    def eta_seconds(self, stage: str, step: int) -> float:
-        """Remaining steps of this and later stages at the mean step time measured so far (this stage's first)."""
-        per_step = self.durations[stage] or [d for values in self.durations.values() for d in values]
-        mean = sum(per_step) / len(per_step)
+    def eta_seconds(self, stage: str) -> float:
+        recent = self.durations[stage][-self._RECENT:]
         stages = list(self.stage_steps)
-        later = sum(self.stage_steps[s] for s in stages[stages.index(stage) + 1:])
-        return mean * (self.stage_steps[stage] - step + later)
+        remaining = self.stage_steps[stage] - len(self.durations[stage])
+        remaining += sum(self.stage_steps[s] for s in stages[stages.index(stage) + 1:])
+        return sum(recent) / len(recent) * remaining
 
     def log(self, stage: str, step: int, seconds: float, metrics: dict[str, float]) -> None:
         self.durations[stage].append(seconds)
-        if step % self.log_every and step != self.stage_steps[stage]:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "stage": stage, **metrics}, allow_nan=True) + "\n")
-        key = "loss" if stage == "sft" else "reward/mean"
-        eta = self.eta_seconds(stage, step)
-        print(f"[{stage} {step}/{self.stage_steps[stage]}] {key}={metrics.get(key, math.nan):.4f} "
-              f"{seconds:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
+        last = step == self.stage_steps[stage]
+        if step % self.log_every == 0 or last:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "stage": stage, **metrics}, allow_nan=True) + "\n")
+        if step % self.print_every == 0 or last:
+            key = "loss" if stage == "sft" else "reward/mean"
+            eta = self.eta_seconds(stage)
+            print(f"[{stage} {step}/{self.stage_steps[stage]}] {key}={metrics.get(key, math.nan):.4f} "
+                  f"{seconds:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
 
 
 def run_stage(stage: str, trainer: Trainer, batches: Iterator[list[pipeline.PromptExample]], num_steps: int,
@@ -234,7 +241,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
     if config.eval.before_training:
         record_eval("init", model)
     stage_steps = {"sft": config.sft.num_steps, "grpo": config.grpo.num_steps}
-    progress = Progress(workdir, {stage: n for stage, n in stage_steps.items() if n > 0}, config.log_every)
+    progress = Progress(workdir, {stage: n for stage, n in stage_steps.items() if n > 0},
+                        log_every=config.log_every, print_every=config.print_every)
     seed = config.seed
     if config.sft.num_steps > 0:
         if not sft_examples:

@@ -20,7 +20,8 @@ Sections:
   eval       batch_size, max_new_tokens (greedy), max_examples (0 = the whole validation split),
              before_training (also evaluate the initial model, as stage "init").
   mesh       axis sizes of the (data, fsdp, tensor) mesh (`m2io_jax.sharding.make_mesh`); empty: one device.
-  seed, log_every, compilation_cache_dir (the persistent JAX compilation cache; "" turns it off).
+  seed; log_every (steps between metrics.jsonl records) and print_every (between console progress lines);
+  compilation_cache_dir (the persistent JAX compilation cache; "" turns it off).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.log_every = 1
+    c.print_every = 10
     c.compilation_cache_dir = "~/.cache/m2io_jax/jax_cache"
 
     c.data = data_config.get_config()
