@@ -26,7 +26,8 @@ def _shrink(config):
     config.data.datasets = (DATASET,)
     config.data.retrieval.top_k = 2
     config.data.candidates.max_images = 3
-    config.sft.num_steps = config.grpo.num_steps = 2
+    config.sft.num_steps = config.grpo.num_steps = 2  # the optimizers' total_steps follow
+    config.sft.optimizer.warmup_steps = config.optimizer.warmup_steps = 0
     config.sft.batch_size = config.grpo.batch_size = 2
     config.grpo.num_generations = 2
     config.rollout.max_new_tokens = 8
