@@ -209,8 +209,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
     processor = Qwen2_5_VLProcessor.from_pretrained(checkpoint, config=model.config, **config.model.processor)
     examples, counts = prepare_examples(config, datasets, processor)
     write_json(os.path.join(workdir, "data.json"), counts)
-    print(f"examples: train {len(examples['train'])}, validation {len(examples['validation'])} "
-          f"(counts in {os.path.join(workdir, 'data.json')})", flush=True)
+    for split in SPLITS:
+        totals = collections.Counter()
+        for dataset_counts in counts[split].values():
+            totals.update(dataset_counts)
+        print(f"{split}: {totals['examples']} examples of {totals['questions']} questions; over the prompt budget: "
+              f"{totals['truncated']} truncated ({totals['dropped_candidates']} candidates dropped), "
+              f"{totals['over_budget']} left out (data.json)", flush=True)
     sft_examples = [e for e in examples["train"] if e.target_ids is not None]
     validation = examples["validation"][:config.eval.max_examples or None]
     if not validation:
