@@ -32,9 +32,9 @@ import ml_collections
 import numpy as np
 
 from m2io_jax.inserter import formats
-from m2io_jax.inserter.candidates import candidates_for_split
+from m2io_jax.inserter.candidates import Candidates, candidates_for_split
 from m2io_jax.inserter.example import InsertionExample, example_from_question
-from m2io_jax.inserter.prompt import build_prompt, instruction
+from m2io_jax.inserter.prompt import build_prompt
 from m2io_jax.inserter.shuffle import shuffle_candidates
 from m2io_jax.inserter.sources import SplitDataset, corpus_texts
 from m2io_jax.retrieval import retriever as retriever_lib
@@ -68,7 +68,7 @@ class PromptExample:
 
     Attributes:
       example: what the prompt shows and the rewards score against.
-      prompt_ids: the prompt's token ids, each image's `<|image_pad|>` expanded to its feature count.  # [T]
+      prompt_ids: [T] the prompt's token ids, each image's `<|image_pad|>` expanded to its feature count.
       images: the processor output of the prompt's images, `{"pixel_values": [P, C*T*P*P],
         "image_grid_thw": [N, 3]}`, or None when it shows no image (what `sampling.generate` takes per prompt).
       target_ids: the SFT target (gold placements in the configured format) and the stop token, or None when
@@ -106,18 +106,15 @@ def sft_target_ids(example: InsertionExample, tokenizer: Any,
 
 def tokenizer_texts(datasets: Sequence[SplitDataset], inserter: ml_collections.ConfigDict, *, max_images: int,
                     max_sentences: int = 16) -> list[str]:
-    """Texts to train a tiny tokenizer on: the corpus, prompt text and rendered completions, in proportion.
+    """Texts to train a tiny tokenizer on: the corpus, each question's prompt text and rendered completions.
 
-    Per question, the prompt's fixed text (chat preamble, headings, caption labels, the instruction) is added
-    once, as often as it occurs in training. The completions place every candidate id `<img1>..<img{max_images}>`
-    after every sentence number up to `max_sentences` in the configured format, so that what the inserter writes
-    (e.g. `<img3>@2`) tokenizes short.
+    The prompt text is `build_prompt`'s (question, numbered answer, a candidate with its caption, instruction),
+    once per question, as often as it occurs in training. The completions place every candidate id
+    `<img1>..<img{max_images}>` after every sentence number up to `max_sentences` in the configured format, so
+    that what the inserter writes (e.g. `<img3>@2`) tokenizes short.
     """
     texts = corpus_texts(datasets)
-    skeleton = (f"system\nYou are a helpful assistant.\nuser\nQuestion: \n\nAnswer, one numbered sentence per "
-                f"line:\n[1] \n\nCandidate images:\n<img1>:  Caption: \n\n"
-                f"{instruction(inserter.output_format, inserter.think)}\nassistant\n")
-    texts += [skeleton] * sum(len(ds.questions) for ds in datasets)
+    texts += [_prompt_text(question, ds, inserter) for ds in datasets for question in ds.questions]
     answer = " ".join(f"Sentence {i}." for i in range(max_sentences))
     for image in range(1, max_images + 1):
         for sentence in range(-1, max_sentences):
@@ -125,6 +122,18 @@ def tokenizer_texts(datasets: Sequence[SplitDataset], inserter: ml_collections.C
             texts.append(formats.render_completion(answer, [placement], output_format=inserter.output_format,
                                                    think=inserter.think))
     return texts
+
+
+def _prompt_text(question: Any, dataset: SplitDataset, inserter: ml_collections.ConfigDict) -> str:
+    """The text of `question`'s prompt with its first gold image that has a file as the one candidate."""
+    names = [name for name in question.images if name in dataset.images and dataset.images[name].path][:1]
+    candidates = Candidates(
+        question_id=question.id, dataset=dataset.name, chunks=(), contexts=(),
+        image_map={f"img{i + 1}": name for i, name in enumerate(names)},
+        captions=tuple(dataset.images[name].caption for name in names), gold=(), gold_missing=(), added_gold=())
+    example = InsertionExample(question.question, question.answer or question.ground_truth, candidates)
+    prompt = build_prompt(example, dataset.images, inserter)
+    return "".join(part["text"] for message in prompt.messages for part in message["content"] if "text" in part)
 
 
 def build_retrievers(datasets: Sequence[SplitDataset], data: ml_collections.ConfigDict,
