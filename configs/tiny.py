@@ -7,7 +7,7 @@ the prompt text and rendered completions (vocabulary ~1.7K), a 2-layer decoder o
 tower: 0.27M parameters. The vision tower (merger included, 84K parameters) is frozen: its random features
 still tell the images apart, and the captions carry the content. Anchors format, no `<think>`, captions shown,
 top-3 chunks, at most 6 candidates, prompts within 512 tokens. SFT 500 steps of 8 prompts, then GRPO 300
-steps of 8 prompts x 8 samples; 8.5 minutes on the 2-core CPU (README, Training).
+steps of 8 prompts x 8 samples; 5.5 minutes on the 2-core CPU (README, Training).
 """
 
 import ml_collections
