@@ -103,8 +103,9 @@ class Qwen2Config:
         check_attention_impl(self.attention_impl, "Qwen2Config")
         if self.mrope_section is not None:
             object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
-            if sum(self.mrope_section) != self.head_dim // 2:
-                raise ValueError(f"mrope_section={self.mrope_section} must sum to head_dim // 2 = {self.head_dim // 2}")
+            if sum(self.mrope_section) != self.head_dim // 2 or min(self.mrope_section) < 1:
+                raise ValueError(f"mrope_section={self.mrope_section} must be positive and sum to head_dim // 2 = "
+                                 f"{self.head_dim // 2}")
 
     @property
     def num_parameters(self) -> int:

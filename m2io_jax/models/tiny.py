@@ -65,9 +65,11 @@ def hf_config(kind: str, vocab_size: int, *, text_shape: Mapping[str, Any] | Non
     if kind == "qwen2":
         return {**text, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
     head_dim = text["hidden_size"] // text["num_attention_heads"]
-    quarter = head_dim // 8  # M-RoPE sections (t, h, w) in the proportions of Qwen2.5-VL's (16, 24, 24)
+    unit = head_dim // 16  # M-RoPE sections (t, h, w) in the proportions of Qwen2.5-VL's (16, 24, 24)
+    if unit < 1:
+        raise ValueError(f"head_dim {head_dim} (hidden_size / num_attention_heads) must be at least 16 for M-RoPE")
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
-                               "mrope_section": [2 * quarter, 3 * quarter, head_dim // 2 - 5 * quarter]}
+                               "mrope_section": [2 * unit, 3 * unit, head_dim // 2 - 5 * unit]}
     vision = {**VISION_SHAPE, **(vision_shape or {}), "in_channels": 3, "out_hidden_size": text["hidden_size"]}
     return {
         "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],

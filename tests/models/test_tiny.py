@@ -57,6 +57,21 @@ def test_text_checkpoint_reloads_in_transformers(tmp_path):
     np.testing.assert_allclose(np.asarray(ours(ids, np.ones_like(ids))), expected, atol=1e-5)
 
 
+def test_vl_mrope_sections_follow_qwen_proportions():
+    config = tiny.hf_config("qwen2_5_vl", 400)
+    assert config["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 3]  # head_dim 16, as (16, 24, 24)
+    wide = tiny.hf_config("qwen2_5_vl", 400, text_shape={"hidden_size": 128, "num_attention_heads": 4})
+    assert wide["text_config"]["rope_parameters"]["mrope_section"] == [4, 6, 6]  # head_dim 32
+
+
+def test_negative_mrope_section_is_refused():
+    from m2io_jax.models.qwen2 import Qwen2Config
+
+    with pytest.raises(ValueError, match="must be positive"):
+        Qwen2Config(vocab_size=8, hidden_size=64, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, mrope_section=(4, 6, -2))
+
+
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="expected one of"):
         tiny.hf_config("llama", 400)
