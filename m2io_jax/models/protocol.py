@@ -66,6 +66,11 @@ class CausalLM(Protocol):
     def max_length(self) -> int:
         """Most positions (prompt + generated tokens) one row may hold."""
 
+    @property
+    def vision_parameters(self) -> str | None:
+        """The "/"-joined parameter path prefix of the vision tower (e.g. "visual"), None for a text model:
+        a trainer that leaves it trainable recomputes the features inside its loss so gradients reach it."""
+
     def prepare_prompts(self, prompts: Sequence[Sequence[int]], images: Sequence[Any] | None, *, rows: int,
                         length: int) -> PreparedInputs:
         """Host side: left-pads `prompts` to [rows, length] (rows past the prompts: one-token dummies).

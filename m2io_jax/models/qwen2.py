@@ -441,6 +441,10 @@ class Qwen2ForCausalLM(nnx.Module):
     def max_length(self) -> int:
         return self.config.max_position_embeddings
 
+    @property
+    def vision_parameters(self) -> str | None:
+        return None
+
     def prepare_prompts(self, prompts: Sequence[Sequence[int]], images: Sequence[Any] | None, *, rows: int,
                         length: int) -> PreparedInputs:
         """Left-padded prompts [rows, length] with RoPE positions (see `CausalLM.prepare_prompts`)."""

@@ -278,6 +278,10 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     def max_length(self) -> int:
         return self.config.text.max_position_embeddings
 
+    @property
+    def vision_parameters(self) -> str | None:
+        return "visual"
+
     def prepare_prompts(self, prompts: Sequence[Sequence[int]], images: Sequence[Any] | None, *, rows: int,
                         length: int) -> PreparedInputs:
         """Left-padded prompts with M-RoPE positions and their images' layout (see `CausalLM.prepare_prompts`)."""

@@ -7,8 +7,11 @@ micro-batch's unreduced loss sum, denominator and gradients to an `Accumulated`,
 The updates donate the parameters and the optimizer state, compute in the configured dtype over master weights
 (`optimizer.cast_floating`) and, on a mesh, give the new parameters the shardings of the old ones.
 
-Vision features are computed once per step (`encode_vision`) and passed into the log-prob and update passes
-as constants: the vision tower receives no gradient here, so configs freeze it (optimizer `param_rules`).
+Vision features are computed once per step (`encode_vision`) and passed into the rollout, reference and
+log-prob passes. When the optimizer's `param_rules` freeze the vision tower (`StepSpec.train_vision` False,
+the usual choice) the updates take them as constants too: one tower execution per step. When any tower
+parameter trains, the update recomputes the features from the prepared pixels inside its loss, so that the
+gradient reaches the tower: one more tower forward and backward per update (per micro-batch).
 
 `compile_count` counts the real XLA compilations of these programs (jax's backend-compile events, as
 `m2io_jax.sampling.compiles` does for the sampler), not Python traces.
@@ -30,7 +33,7 @@ from jax import monitoring
 
 from m2io_jax.models.protocol import PreparedInputs
 from m2io_jax.rl import grpo
-from m2io_jax.rl.optimizer import FROZEN, build_optimizer, cast_floating, parameter_labels
+from m2io_jax.rl.optimizer import FROZEN, build_optimizer, cast_floating, parameter_labels, parameter_path
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 PROGRAMS = ("rl_init_optimizer", "rl_encode_vision", "rl_logprobs", "rl_grpo_gradients", "rl_apply_gradients",
@@ -90,6 +93,7 @@ class StepSpec:
     temperature: float
     suppress_tokens: tuple[int, ...]
     compute_dtype: str
+    train_vision: bool
     grpo_items: tuple[tuple[str, Any], ...]
     optimizer_items: tuple[tuple[str, Any], ...]
     param_shardings: tuple[Any, ...] | None
@@ -97,11 +101,13 @@ class StepSpec:
     @classmethod
     def create(cls, graphdef: Any, params: nnx.State, *, temperature: float, suppress_tokens: Sequence[int],
                grpo_config: ml_collections.ConfigDict, optimizer_config: ml_collections.ConfigDict,
-               mesh: jax.sharding.Mesh | None) -> StepSpec:
+               mesh: jax.sharding.Mesh | None, vision_parameters: str | None) -> StepSpec:
         shardings = None if mesh is None else tuple(x.sharding for x in jax.tree.leaves(params))
         return cls(graphdef=graphdef, temperature=float(temperature),
                    suppress_tokens=tuple(int(t) for t in suppress_tokens),
-                   compute_dtype=str(optimizer_config.compute_dtype), grpo_items=_items(grpo_config),
+                   compute_dtype=str(optimizer_config.compute_dtype),
+                   train_vision=_trains(params, optimizer_config.param_rules, vision_parameters),
+                   grpo_items=_items(grpo_config),
                    optimizer_items=_items(optimizer_config), param_shardings=shardings)
 
     def grpo_config(self) -> ml_collections.ConfigDict:
@@ -109,6 +115,15 @@ class StepSpec:
 
     def build_optimizer(self) -> optax.GradientTransformation:
         return build_optimizer(ml_collections.ConfigDict(dict(self.optimizer_items)))
+
+
+def _trains(params: nnx.State, rules: Sequence[Any], prefix: str | None) -> bool:
+    """Whether any parameter under the path `prefix` (e.g. "visual") is left trainable by the optimizer rules."""
+    if prefix is None:
+        return False
+    labelled = jax.tree_util.tree_leaves_with_path(parameter_labels(params, rules))
+    return any(label != FROZEN for path, label in labelled
+               if parameter_path(path) == prefix or parameter_path(path).startswith(prefix + "/"))
 
 
 def _items(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
@@ -128,6 +143,14 @@ def _completion_logprobs(spec: StepSpec, params: nnx.State, inputs: PreparedInpu
     """[R, G, N] float32 log-probs of `completions` [R, G, N] under `params` (the prompt run once)."""
     return policy(spec, params).completion_logprobs(inputs, completions, features, temperature=temperature,
                                                     suppress_tokens=spec.suppress_tokens)
+
+
+def _trained_features(spec: StepSpec, params: nnx.State, inputs: PreparedInputs,
+                      features: jax.Array | None) -> jax.Array | None:
+    """The features an update differentiates through: recomputed from `params` when the tower trains."""
+    if spec.train_vision and inputs.vision is not None:
+        return policy(spec, params).encode_vision(inputs)
+    return features
 
 
 def _grad_norm(spec: StepSpec, grads: nnx.State) -> jax.Array:
@@ -220,8 +243,8 @@ def rl_grpo_gradients(spec: StepSpec, params: nnx.State, batch: GrpoBatch, accum
         return None if x is None else x.reshape(r * g, n)
 
     def loss_fn(p):
-        logp = _completion_logprobs(spec, p, batch.inputs, batch.features, batch.completions,
-                                    spec.temperature)  # [R, G, N]
+        features = _trained_features(spec, p, batch.inputs, batch.features)
+        logp = _completion_logprobs(spec, p, batch.inputs, features, batch.completions, spec.temperature)  # [R, G, N]
         weighted, diagnostics = grpo.grpo_loss(
             flat(logp), batch.advantages.reshape(r * g), flat(batch.mask), spec.grpo_config(),
             old_logp=flat(batch.old_logp), ref_logp=flat(batch.ref_logp), truncated=batch.truncated.reshape(r * g),
@@ -256,7 +279,8 @@ def rl_sft_update(spec: StepSpec, params: nnx.State, opt_state: Any, batch: SftB
     """One optimizer step on the token-mean cross-entropy of the targets (log-probs at temperature 1)."""
 
     def loss_fn(p):
-        logp = _completion_logprobs(spec, p, batch.inputs, batch.features, batch.targets, 1.0)  # [R, 1, N]
+        features = _trained_features(spec, p, batch.inputs, batch.features)
+        logp = _completion_logprobs(spec, p, batch.inputs, features, batch.targets, 1.0)  # [R, 1, N]
         return -_masked_mean(logp, batch.mask)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)

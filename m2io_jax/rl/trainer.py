@@ -121,7 +121,8 @@ class Trainer:
         self._params = cast_floating(params, config.optimizer.param_dtype)
         self._spec = steps.StepSpec.create(graphdef, self._params, temperature=config.rollout.temperature,
                                            suppress_tokens=self._suppress_tokens, grpo_config=self._grpo,
-                                           optimizer_config=config.optimizer, mesh=self._mesh)
+                                           optimizer_config=config.optimizer, mesh=self._mesh,
+                                           vision_parameters=model.vision_parameters)
         with _mesh_context(self._mesh):
             self._opt_state = steps.init_optimizer(self._spec, self._params)
         self._reference = None
