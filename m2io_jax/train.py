@@ -18,7 +18,8 @@ Writes in the workdir:
   data.json       the pipeline's counts per split and dataset (truncated / over-budget prompts, ...)
   metrics.jsonl   one JSON object per logged step: step, stage ("sft" / "grpo"), the trainer's metrics
                   (losses, rewards and their components, tied groups, time/* split) and time/data
-  eval.json       {stage: {metric: value}} for the stages "init" (before training), "sft" and "grpo"
+  eval.json       {stage: {metric: value}} for the stages "rule" (the caption-similarity baseline, its threshold
+                  chosen on validation), "init" (before training), "sft" and "grpo"
   sft/, final/    the model after SFT and at the end, as Hugging Face directories with the tokenizer and the
                   preprocessor config (`m2io_jax.models.from_pretrained` loads them)
 and prints one progress line per logged step with the time per step and the ETA of the run.
@@ -122,9 +123,9 @@ def save_model(model: Any, processor: Qwen2_5_VLProcessor, source: str, path: st
 
 
 def prepare_examples(config: ml_collections.ConfigDict, datasets: Sequence[sources.SplitDataset],
-                     processor: Qwen2_5_VLProcessor) -> tuple[dict[str, list[pipeline.PromptExample]], dict]:
+                     processor: Qwen2_5_VLProcessor, encoder: Any,
+                     ) -> tuple[dict[str, list[pipeline.PromptExample]], dict]:
     """The examples of the train and validation splits over all datasets, and the pipeline's counts of each."""
-    encoder = sentence_encoder.load_encoder(config.data.retrieval.encoder_path)
     retrievers = pipeline.build_retrievers(datasets, config.data, encoder)
     examples: dict[str, list[pipeline.PromptExample]] = {split: [] for split in SPLITS}
     counts: dict[str, dict[str, dict[str, int]]] = {split: {} for split in SPLITS}
@@ -207,7 +208,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
     mesh = sharding.make_mesh(config.mesh.to_dict()) if config.mesh else None
     model = models.from_pretrained(checkpoint, mesh=mesh)
     processor = Qwen2_5_VLProcessor.from_pretrained(checkpoint, config=model.config, **config.model.processor)
-    examples, counts = prepare_examples(config, datasets, processor)
+    encoder = sentence_encoder.load_encoder(config.data.retrieval.encoder_path)
+    examples, counts = prepare_examples(config, datasets, processor, encoder)
     write_json(os.path.join(workdir, "data.json"), counts)
     for split in SPLITS:
         totals = collections.Counter()
@@ -243,6 +245,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
         write_json(os.path.join(workdir, "eval.json"), results)
         print(f"eval {stage}: " + " ".join(f"{k}={v:.4f}" for k, v in results[stage].items()), flush=True)
 
+    if config.eval.rule_baseline:
+        threshold, scores = evaluation.choose_rule_threshold(validation, encoder, config.inserter)
+        results["rule"] = {**scores, "threshold": threshold}
+        print(f"eval rule (threshold {threshold} chosen on validation by reward): "
+              + " ".join(f"{k}={v:.4f}" for k, v in scores.items()), flush=True)
     if config.eval.before_training:
         record_eval("init", model)
     stage_steps = {"sft": config.sft.num_steps, "grpo": config.grpo.num_steps}

@@ -18,7 +18,8 @@ Sections:
              seed), its tokenizer trained on the run's corpus and rendered completions. processor: keyword
              overrides of the image processor (e.g. max_pixels) for `Qwen2_5_VLProcessor.from_pretrained`.
   eval       batch_size, max_new_tokens (greedy), max_examples (0 = the whole validation split),
-             before_training (also evaluate the initial model, as stage "init").
+             before_training (also evaluate the initial model, as stage "init"), rule_baseline (score the
+             caption-similarity baseline, its threshold chosen on the validation split, as stage "rule").
   mesh       axis sizes of the (data, fsdp, tensor) mesh (`m2io_jax.sharding.make_mesh`); empty: one device.
   seed; log_every (steps between metrics.jsonl records) and print_every (between console progress lines);
   compilation_cache_dir (the persistent JAX compilation cache; "" turns it off).
@@ -77,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 32
     c.eval.max_examples = 0
     c.eval.before_training = True
+    c.eval.rule_baseline = True
 
     c.mesh = ml_collections.ConfigDict()
     return c

@@ -61,8 +61,10 @@ def test_tiny_config_writes_every_workdir_file(tmp_path, capsys):
                                                            "count/parse_failed"))
 
     assert json.load(open(os.path.join(workdir, "eval.json"))) == results
-    assert list(results) == ["init", "sft", "grpo"]
-    assert all(list(metrics) == list(evaluation.METRICS) for metrics in results.values())
+    assert list(results) == ["rule", "init", "sft", "grpo"]
+    assert results["rule"]["threshold"] in evaluation.RULE_THRESHOLDS
+    assert list(results["rule"]) == [*evaluation.METRICS, "threshold"]
+    assert all(list(results[stage]) == list(evaluation.METRICS) for stage in ("init", "sft", "grpo"))
     for stage in ("sft", "final"):
         path = os.path.join(workdir, stage)
         model = models.from_pretrained(path)

@@ -14,6 +14,10 @@ temperature 0) is parsed in the configured format and scored with the one defini
 
 Every metric is a mean over examples in [0, 1] (placement_accuracy: over gold images); `examples` is their
 number and `placement_gold_images` the denominator of placement_accuracy.
+
+The `rule` baseline (`inserter.baselines`) is scored the same way: its placements are rendered in the configured
+format and go through the same parser and metrics; `choose_rule_threshold` picks its similarity threshold on the
+examples given (the validation split) by mean reward.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import ml_collections
 
 from m2io_jax import sampling
 from m2io_jax.eval import metrics
-from m2io_jax.inserter import formats
+from m2io_jax.inserter import baselines, formats
 from m2io_jax.inserter import rewards as rewards_lib
 from m2io_jax.inserter.pipeline import PromptExample
 from m2io_jax.inserter.task import decode_completion
 
+RULE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(-2, 19))  # cosine -0.1 .. 0.9: the search grid
 METRICS = ("image_precision", "image_recall", "image_f1", "ordering", "placement_accuracy", "format_ok",
            "parse_failed", "reward", "examples", "placement_gold_images")
 
@@ -100,3 +105,28 @@ def evaluate(model: Any, examples: Sequence[PromptExample], *, tokenizer: Any, i
                                      stop_tokens=stop_tokens, suppress_tokens=suppress_tokens, buckets=buckets)
     texts = [decode_completion(tokenizer, ids, stop_tokens) for ids in completions]
     return score_completions(texts, examples, inserter)
+
+
+def rule_completions(examples: Sequence[PromptExample], encoder: baselines.SentenceEncoder, *, threshold: float,
+                     inserter: ml_collections.ConfigDict) -> list[str]:
+    """The rule baseline's placements of each example rendered as a completion in the configured format."""
+    return [formats.render_completion(e.example.answer, baselines.rule_placements(e.example, encoder,
+                                                                                  threshold=threshold),
+                                      output_format=inserter.output_format, think=inserter.think)
+            for e in examples]
+
+
+def choose_rule_threshold(examples: Sequence[PromptExample], encoder: baselines.SentenceEncoder,
+                          inserter: ml_collections.ConfigDict,
+                          thresholds: Sequence[float] = RULE_THRESHOLDS) -> tuple[float, dict[str, float]]:
+    """The threshold of `thresholds` whose rule baseline has the highest mean reward on `examples` (the lowest
+    threshold on ties), with its `METRICS`."""
+    if not thresholds:
+        raise ValueError("choose_rule_threshold needs at least one threshold")
+    best: tuple[float, dict[str, float]] | None = None
+    for threshold in sorted(thresholds):
+        scores = score_completions(rule_completions(examples, encoder, threshold=threshold, inserter=inserter),
+                                   examples, inserter)
+        if best is None or scores["reward"] > best[1]["reward"]:
+            best = (float(threshold), scores)
+    return best

@@ -3,6 +3,7 @@ completions (gold placements score 1, an empty answer scores the no-image values
 
 import math
 
+import numpy as np
 import pytest
 
 from m2io_jax import models
@@ -55,3 +56,28 @@ def test_placement_counts_first_placement_within_tolerance():
     placed = [formats.Placement("img1", 1), formats.Placement("img2", 0), formats.Placement("img2", 3)]
     assert evaluation.placement_hits(placed, gold, tolerance=1) == 1
     assert evaluation.placement_hits(placed, gold, tolerance=0) == 0
+
+
+class _Orthogonal:
+    """Every text orthogonal to every other: each caption's best similarity is exactly 0."""
+
+    def encode(self, texts):
+        return np.eye(len(texts), dtype=np.float32)
+
+
+def test_rule_threshold_is_chosen_by_validation_reward(validation):
+    setup, examples = validation
+    inserter = setup.config.inserter
+    # Similarity 0 everywhere: a negative threshold keeps every candidate, a threshold >= 0 keeps none, so the
+    # choice is between exactly these two sets of completions.
+    keep_all = evaluation.rule_completions(examples, _Orthogonal(), threshold=-0.05, inserter=inserter)
+    keep_none = evaluation.rule_completions(examples, _Orthogonal(), threshold=0.0, inserter=inserter)
+    assert all(c == "<answer></answer>" for c in keep_none)
+    assert all(c != "<answer></answer>" for c, e in zip(keep_all, examples) if e.example.candidate_ids)
+    all_reward = evaluation.score_completions(keep_all, examples, inserter)["reward"]
+    none_reward = evaluation.score_completions(keep_none, examples, inserter)["reward"]
+    assert all_reward != none_reward
+    threshold, scores = evaluation.choose_rule_threshold(examples, _Orthogonal(), inserter,
+                                                         thresholds=(0.3, -0.05, 0.0, -0.1))
+    assert threshold == (-0.1 if all_reward > none_reward else 0.0)  # the lowest of the tied winners
+    assert scores["reward"] == max(all_reward, none_reward)
