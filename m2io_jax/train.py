@@ -22,6 +22,11 @@ Writes in the workdir:
                   chosen on validation), "init" (before training), "sft" and "grpo"
   sft/, final/    the model after SFT and at the end, as Hugging Face directories with the tokenizer and the
                   preprocessor config (`m2io_jax.models.from_pretrained` loads them)
+  checkpoints/    Orbax checkpoints (`m2io_jax.checkpoint`): every config.checkpoint.every_steps steps, at each
+                  stage's end and on SIGTERM / preemption (then the run exits with status 75). A run whose
+                  workdir holds checkpoints resumes from the latest (stage, step, data position), after checking
+                  that the config differs only in fields a user may change (`checkpoint.RESUMABLE_FIELDS`);
+                  `python -m m2io_jax.export` writes one as a Hugging Face directory
 and prints one progress line per logged step with the time per step and the ETA of the run.
 """
 
@@ -32,11 +37,10 @@ import importlib.metadata
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +48,8 @@ import ml_collections
 from absl import flags
 
 from m2io_jax import cli, models, sharding, train_config
+from m2io_jax.checkpoint import (PREEMPTED_EXIT, Position, Preempted, RunCheckpoints, SigtermFlag, check_config,
+                                 save_hf_model)
 from m2io_jax.inserter import evaluation, pipeline, sources
 from m2io_jax.inserter.task import RewardAdapter
 from m2io_jax.models import sentence_encoder, tiny
@@ -56,7 +62,6 @@ _CONFIG = cli.define_config(train_config, "training settings (default: m2io_jax/
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "grain", "transformers", "tokenizers", "numpy", "ml-collections",
             "tensorflow-datasets", "scann", "m2io-jax")
 SPLITS = ("train", "validation")
-_COPIED_FILES = ("chat_template.json", "generation_config.json")  # Hugging Face files save_pretrained does not write
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -112,16 +117,6 @@ def model_checkpoint(config: ml_collections.ConfigDict, datasets: Sequence[sourc
     return path
 
 
-def save_model(model: Any, processor: Qwen2_5_VLProcessor, source: str, path: str) -> None:
-    """`model` as a Hugging Face directory at `path`, with the tokenizer, preprocessor and chat template files."""
-    models.save_pretrained(model, path)
-    processor.tokenizer.save_pretrained(path)
-    processor.image_processor.save_pretrained(path)
-    for name in _COPIED_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copy(os.path.join(source, name), os.path.join(path, name))
-
-
 def prepare_examples(config: ml_collections.ConfigDict, datasets: Sequence[sources.SplitDataset],
                      processor: Qwen2_5_VLProcessor, encoder: Any,
                      ) -> tuple[dict[str, list[pipeline.PromptExample]], dict]:
@@ -154,13 +149,14 @@ class Progress:
 
     _RECENT = 20
 
-    def __init__(self, workdir: str, stage_steps: dict[str, int], *, log_every: int, print_every: int):
+    def __init__(self, workdir: str, stage_steps: dict[str, int], *, log_every: int, print_every: int,
+                 resumed: Position | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.stage_steps = stage_steps
         self.log_every = max(1, log_every)
         self.print_every = max(1, print_every)
         self.durations: dict[str, list[float]] = collections.defaultdict(list)
-        open(self.path, "w", encoding="utf-8").close()
+        keep_records_until(self.path, resumed)
 
     def eta_seconds(self, stage: str) -> float:
         recent = self.durations[stage][-self._RECENT:]
@@ -182,10 +178,22 @@ class Progress:
                   f"{seconds:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
 
 
+def keep_records_until(path: str, position: Position | None) -> None:
+    """Leaves in metrics.jsonl the records of the steps up to `position` (a resumed run redoes the later ones);
+    None empties it."""
+    kept = []
+    if position is not None and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if position.reached(**{k: json.loads(line)[k] for k in ("stage", "step")})]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+
+
 def run_stage(stage: str, trainer: Trainer, batches: Iterator[list[pipeline.PromptExample]], num_steps: int,
-              progress: Progress) -> None:
-    """`num_steps` SFT or GRPO steps (`stage`), each logged with the time spent waiting for data."""
-    for step in range(1, num_steps + 1):
+              progress: Progress, *, first_step: int, after_step: Callable[[int], None]) -> None:
+    """Steps `first_step + 1 .. num_steps` of `stage` ("sft" / "grpo"), each logged with the time spent waiting
+    for data, then handed to `after_step` (checkpoints)."""
+    for step in range(first_step + 1, num_steps + 1):
         start = time.perf_counter()
         batch = next(batches)
         data_seconds = time.perf_counter() - start
@@ -194,13 +202,21 @@ def run_stage(stage: str, trainer: Trainer, batches: Iterator[list[pipeline.Prom
         else:
             metrics = trainer.grpo_step(prompt_batch(batch, with_targets=False), step)
         progress.log(stage, step, time.perf_counter() - start, {**metrics, "time/data": data_seconds})
+        after_step(step)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] = ()) -> dict[str, dict[str, float]]:
     """Runs the training described in the module docstring; returns eval.json's content."""
     enable_compilation_cache(config.compilation_cache_dir)
     os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    config_json = json.loads(config.to_json_best_effort())
+    checkpoints = RunCheckpoints(workdir, config.checkpoint)
+    resumed = checkpoints.saved()
+    if resumed is not None:
+        check_config(resumed.config, config_json, str(checkpoints.directory))
+        print(f"resuming from {checkpoints.directory}: {resumed.position.stage} step {resumed.position.step}",
+              flush=True)
+    write_json(os.path.join(workdir, "config.json"), config_json)
     write_json(os.path.join(workdir, "run.json"), run_record(argv))
 
     datasets = sources.load_datasets(config.data, image_dir=os.path.join(workdir, "images"))
@@ -239,51 +255,92 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
                                    stop_tokens=stop_tokens, suppress_tokens=suppress_tokens)
 
     results: dict[str, dict[str, float]] = {}
+    if resumed is not None and os.path.isfile(os.path.join(workdir, "eval.json")):
+        with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
+            results = json.load(f)
 
     def record_eval(stage: str, policy: Any) -> None:
         results[stage] = evaluate(policy)
         write_json(os.path.join(workdir, "eval.json"), results)
         print(f"eval {stage}: " + " ".join(f"{k}={v:.4f}" for k, v in results[stage].items()), flush=True)
 
-    if config.eval.rule_baseline:
+    if config.eval.rule_baseline and "rule" not in results:
         threshold, scores = evaluation.choose_rule_threshold(validation, encoder, config.inserter)
         results["rule"] = {**scores, "threshold": threshold}
         print(f"eval rule (threshold {threshold} chosen on validation by reward): "
               + " ".join(f"{k}={v:.4f}" for k, v in scores.items()), flush=True)
-    if config.eval.before_training:
+    if config.eval.before_training and "init" not in results:
         record_eval("init", model)
     stage_steps = {"sft": config.sft.num_steps, "grpo": config.grpo.num_steps}
     progress = Progress(workdir, {stage: n for stage, n in stage_steps.items() if n > 0},
-                        log_every=config.log_every, print_every=config.print_every)
+                        log_every=config.log_every, print_every=config.print_every,
+                        resumed=None if resumed is None else resumed.position)
     seed = config.seed
-    if config.sft.num_steps > 0:
-        if not sft_examples:
-            raise cli.UserError("config.sft.num_steps > 0 but no training example has an SFT target (gold anchors "
-                                "unknown for all); set config.sft.num_steps=0")
-        sft_config = ml_collections.ConfigDict({"grpo": config.grpo, "optimizer": config.sft.optimizer,
-                                                "rollout": config.rollout})
-        trainer = Trainer(model, sft_config, reward_fn=None, stop_tokens=stop_tokens,
-                          suppress_tokens=suppress_tokens, mesh=mesh)
-        run_stage("sft", trainer, pipeline.batches(sft_examples, batch_size=config.sft.batch_size, seed=seed),
-                  config.sft.num_steps, progress)
-        model = trainer.model
-        save_model(model, processor, checkpoint, os.path.join(workdir, "sft"))
-        record_eval("sft", model)
-    if config.grpo.num_steps > 0:
-        trainer = Trainer(model, config, reward_fn=reward_fn, stop_tokens=stop_tokens,
-                          suppress_tokens=suppress_tokens, mesh=mesh)
-        run_stage("grpo", trainer, pipeline.batches(examples["train"], batch_size=config.grpo.batch_size,
-                                                     seed=seed + 1), config.grpo.num_steps, progress)
-        model = trainer.model
-        record_eval("grpo", model)
-    save_model(model, processor, checkpoint, os.path.join(workdir, "final"))
+    position = None if resumed is None else resumed.position
+
+    def resume_stage(stage: str, trainer: Trainer, batches: Any) -> int:
+        """Restores the trainer and the data iterator when the checkpoint is of `stage`; the steps done."""
+        if position is None or position.stage != stage:
+            return 0
+        trainer.restore(checkpoints.restore(position.run_step, trainer.state()))
+        batches.set_state(resumed.data_state)
+        return position.step
+
+    def checkpoint_after(stage: str, trainer: Trainer, batches: Any, sft_steps: int) -> Callable[[int], None]:
+        """Saves on the configured cadence, at the stage's end and on preemption (then stops the run)."""
+        def after_step(step: int) -> None:
+            at = Position(stage, step, sft_steps)
+            preempted = sigterm.received or checkpoints.reached_preemption(at)
+            if preempted or checkpoints.due(at) or step == stage_steps[stage]:
+                checkpoints.save(at, trainer.state(), seed=seed, data_state=batches.get_state(), config=config_json)
+            if preempted:
+                raise Preempted(f"preempted: stopped after {stage} step {step}, checkpoint saved in "
+                                f"{checkpoints.directory}; run the same command again to resume")
+        return after_step
+
+    with SigtermFlag() as sigterm:
+        try:
+            if config.sft.num_steps > 0 and not (position is not None and position.stage == "grpo"):
+                if not sft_examples:
+                    raise cli.UserError("config.sft.num_steps > 0 but no training example has an SFT target (gold "
+                                        "anchors unknown for all); set config.sft.num_steps=0")
+                sft_config = ml_collections.ConfigDict({"grpo": config.grpo, "optimizer": config.sft.optimizer,
+                                                        "rollout": config.rollout})
+                trainer = Trainer(model, sft_config, reward_fn=None, stop_tokens=stop_tokens,
+                                  suppress_tokens=suppress_tokens, mesh=mesh)
+                batches = pipeline.batches(sft_examples, batch_size=config.sft.batch_size, seed=seed)
+                first_step = resume_stage("sft", trainer, batches)
+                run_stage("sft", trainer, batches, config.sft.num_steps, progress, first_step=first_step,
+                          after_step=checkpoint_after("sft", trainer, batches, sft_steps=0))
+                sft_steps = max(first_step, config.sft.num_steps)
+                model = trainer.model
+                save_hf_model(model, processor, checkpoint, os.path.join(workdir, "sft"))
+                record_eval("sft", model)
+            else:
+                sft_steps = 0 if position is None else position.sft_steps
+            if config.grpo.num_steps > 0:
+                trainer = Trainer(model, config, reward_fn=reward_fn, stop_tokens=stop_tokens,
+                                  suppress_tokens=suppress_tokens, mesh=mesh)
+                batches = pipeline.batches(examples["train"], batch_size=config.grpo.batch_size, seed=seed + 1)
+                first_step = resume_stage("grpo", trainer, batches)
+                run_stage("grpo", trainer, batches, config.grpo.num_steps, progress, first_step=first_step,
+                          after_step=checkpoint_after("grpo", trainer, batches, sft_steps=sft_steps))
+                model = trainer.model
+                record_eval("grpo", model)
+        finally:
+            checkpoints.close()
+    save_hf_model(model, processor, checkpoint, os.path.join(workdir, "final"))
     return results
 
 
 def main(argv: Sequence[str]) -> None:
     cli.no_positional_arguments(argv)
     cli.require(_WORKDIR)
-    train(_CONFIG.value, _WORKDIR.value, sys.argv)
+    try:
+        train(_CONFIG.value, _WORKDIR.value, sys.argv)
+    except Preempted as stop:
+        print(stop, flush=True)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

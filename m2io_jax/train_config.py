@@ -21,6 +21,9 @@ Sections:
              before_training (also evaluate the initial model, as stage "init"), rule_baseline (score the
              caption-similarity baseline, its threshold chosen on the validation split, as stage "rule").
   mesh       axis sizes of the (data, fsdp, tensor) mesh (`m2io_jax.sharding.make_mesh`); empty: one device.
+  checkpoint Orbax checkpoints in `{workdir}/checkpoints` (`m2io_jax.checkpoint`): every_steps (run steps
+             between saves; each stage's end and a preemption also save), keep (the newest N kept),
+             asynchronous (write in the background while training goes on).
   seed; log_every (steps between metrics.jsonl records) and print_every (between console progress lines);
   compilation_cache_dir (the persistent JAX compilation cache; "" turns it off).
 """
@@ -81,4 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.rule_baseline = True
 
     c.mesh = ml_collections.ConfigDict()
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 3
+    c.checkpoint.asynchronous = True
     return c

@@ -135,6 +135,25 @@ class Trainer:
         """The current policy (master-dtype parameters); valid until the next step replaces its parameters."""
         return nnx.merge(self._spec.graphdef, self._params)
 
+    def state(self) -> dict[str, Any]:
+        """What a resume needs besides the step: "params", "opt_state" and, when beta != 0, "reference".
+
+        The arrays are the trainer's own (valid until the next step donates them); a checkpoint copies them out.
+        """
+        state = {"params": self._params, "opt_state": self._opt_state}
+        if self._reference is not None:
+            state["reference"] = self._reference
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Takes over `state` (the structure of `state()`, e.g. restored from a checkpoint onto this mesh)."""
+        expected = set(self.state())
+        if set(state) != expected:
+            raise ValueError(f"Trainer.restore: state has keys {sorted(state)}; expected {sorted(expected)}")
+        self._params, self._opt_state = state["params"], state["opt_state"]
+        if "reference" in state:
+            self._reference = state["reference"]
+
     # ------------------------------------------------------------------------------------------ host layout
     def _rows(self, num_prompts: int) -> int:
         r = self._rollout
