@@ -17,8 +17,9 @@ text, which here is the ids separated by spaces).
   checkpoint, one 1 x 1 mesh), prompts repeated G times as it does. Its steps are timed where the learner draws
   each batch from the dataset; its split comes from timers around the cluster's rollout, reference log-prob,
   reward and actor-update calls. Its log-prob and update passes compute logits over prompt and completion,
-  so they run in micro-batches of `peer_micro_batch_prompts` prompts (same gradient, one optimizer update)
-  sized to keep the logits of a micro-batch under `--peer_logits_gib`.
+  so they run in micro-batches of `micro_batch_prompts` prompts (same gradient, one optimizer update) sized to
+  keep those logits under `--logits_gib`; our update runs in micro-batches of the same size
+  (`rollout.micro_batch_prompts`), so that neither side holds a whole batch's activations on this 23 GB machine.
 
 The first `--warmup_steps` steps (compilation) are excluded; figures are medians over `--steps` timed steps.
 Each step draws fresh prompts (the same on both sides). The last line is one JSON object with, per workload,
@@ -46,7 +47,8 @@ _STEPS = flags.DEFINE_integer("steps", 3, "timed GRPO steps per side and workloa
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 2, "untimed steps first (compilation; our optimizer update "
                                      "compiles again at the second step)")
 _SKIP_PEER = flags.DEFINE_bool("skip_peer", False, "time m2io_jax only")
-_PEER_LOGITS_GIB = flags.DEFINE_float("peer_logits_gib", 1.5, "largest logits of one tunix micro-batch, GiB")
+_LOGITS_GIB = flags.DEFINE_float("logits_gib", 1.5, "largest tunix micro-batch logits, GiB (sets both sides' "
+                                  "update micro-batch)")
 
 BETA = 0.04
 EPSILON = 0.2
@@ -67,8 +69,9 @@ def step_prompts(vocab: int, w: Workload, step: int) -> list[list[int]]:
     return bench_sampler.random_prompts(vocab, w, seed=1000 + step)
 
 
-def trainer_config(w: Workload):
-    """The m2io_jax trainer config of workload `w` (GRPO settings of the module docstring, float32)."""
+def trainer_config(w: Workload, micro_prompts: int = 0):
+    """The m2io_jax trainer config of workload `w` (GRPO settings of the module docstring, float32), its update in
+    micro-batches of `micro_prompts` prompts (0: the whole batch at once)."""
     from m2io_jax.rl.config import get_trainer_config
 
     config = get_trainer_config()
@@ -84,6 +87,7 @@ def trainer_config(w: Workload):
     config.rollout.temperature = 1.0
     config.rollout.prompt_lengths = (w.prompt,)
     config.rollout.batch_sizes = (NUM_PROMPTS,)
+    config.rollout.micro_batch_prompts = micro_prompts
     return config
 
 
@@ -114,7 +118,7 @@ class SideResult:
         return {k: statistics.median(s[k] for s in self.split[warmup:]) for k in SPLIT}
 
 
-def run_m2io(directory: str, shape: dict, w: Workload, total_steps: int) -> SideResult:
+def run_m2io(directory: str, shape: dict, w: Workload, total_steps: int, micro_prompts: int) -> SideResult:
     """`total_steps` GRPO steps of `rl.Trainer` on the checkpoint in `directory`."""
     from m2io_jax import models
     from m2io_jax.rl.trainer import PromptBatch, RewardResult, Trainer
@@ -126,7 +130,8 @@ def run_m2io(directory: str, shape: dict, w: Workload, total_steps: int) -> Side
         rewards.extend(total.tolist())
         return RewardResult(total=total, components={}, counts={})
 
-    trainer = Trainer(models.from_pretrained(directory), trainer_config(w), reward_fn=reward_fn, stop_tokens=())
+    trainer = Trainer(models.from_pretrained(directory), trainer_config(w, micro_prompts), reward_fn=reward_fn,
+                      stop_tokens=())
     seconds, split, compiled = [], [], []
     for step in range(total_steps):
         prompts = step_prompts(shape["vocab_size"], w, step)
@@ -141,7 +146,7 @@ def run_m2io(directory: str, shape: dict, w: Workload, total_steps: int) -> Side
     return SideResult(seconds, split, rewards, compiled)
 
 
-def peer_micro_batch_prompts(shape: dict, w: Workload, logits_gib: float) -> int:
+def micro_batch_prompts(shape: dict, w: Workload, logits_gib: float) -> int:
     """Largest divisor of NUM_PROMPTS whose tunix micro-batch logits [m * G, P + N, V] float32 fit `logits_gib`."""
     per_prompt = w.samples * (w.prompt + w.new) * shape["vocab_size"] * 4 / 2**30
     fitting = [m for m in range(1, NUM_PROMPTS + 1) if NUM_PROMPTS % m == 0 and m * per_prompt <= logits_gib]
@@ -185,12 +190,11 @@ def run_tunix(directory: str, shape: dict, w: Workload, total_steps: int, micro_
 
     from m2io_jax.rl.optimizer import build_optimizer
 
-    config = trainer_config(w)
+    config = trainer_config(w, micro_prompts)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
     model_config = bench_sampler.tunix_model_config(shape)
-    with mesh:
-        actor = tunix_params.create_model_from_safe_tensors(directory, model_config, mesh)
-        reference = tunix_params.create_model_from_safe_tensors(directory, model_config, mesh)
+    actor = tunix_params.create_model_from_safe_tensors(directory, model_config, mesh)
+    reference = tunix_params.create_model_from_safe_tensors(directory, model_config, mesh)  # its own copy
     rollout_config = base_rollout.RolloutConfig(
         max_tokens_to_generate=w.new, max_prompt_length=w.prompt, kv_cache_size=w.prompt + w.new, temperature=1.0,
         top_p=1.0, top_k=None, eos_tokens=[-1])
@@ -240,20 +244,20 @@ def run_workload(directory: str, size: str, w: Workload, *, steps: int, warmup: 
     """Both sides on workload `w`; prints its table and returns its figures."""
     shape = SIZES[size]
     total = warmup + steps
-    sides = {"m2io_jax": run_m2io(directory, shape, w, total)}
-    micro = peer_micro_batch_prompts(shape, w, logits_gib)
+    micro = micro_batch_prompts(shape, w, logits_gib)
+    sides = {"m2io_jax": run_m2io(directory, shape, w, total, micro)}
     if peer:
         sides["tunix"] = run_tunix(directory, shape, w, total, micro)
     for name, result in sides.items():
         _finite_rewards(name, result, total * NUM_PROMPTS * w.samples)
     print(f"\n{size} model, prompt {w.prompt} + {w.new} new, {NUM_PROMPTS} prompts x G={w.samples}, beta {BETA}; "
           f"median of {steps} steps after {warmup} warm-up"
-          + (f"; tunix log-prob/update micro-batches of {micro} prompts" if peer else ""))
+          + f"; update micro-batches of {micro} prompts", flush=True)
     print(f"  {'side':10s} {'s/step':>8s} {'steps/s':>8s} " + " ".join(f"{k:>9s}" for k in SPLIT))
     for name, result in sides.items():
         split = result.median_split(warmup)
         print(f"  {name:10s} {statistics.median(result.timed(warmup)):8.2f} {result.steps_per_second(warmup):8.4f} "
-              + " ".join(f"{split[k]:9.2f}" for k in SPLIT))
+              + " ".join(f"{split[k]:9.2f}" for k in SPLIT), flush=True)
     out: dict[str, Any] = {
         "workload": str(w),
         "steps_per_s": {k: round(r.steps_per_second(warmup), 5) for k, r in sides.items()},
@@ -261,11 +265,11 @@ def run_workload(directory: str, size: str, w: Workload, *, steps: int, warmup: 
         "steps": {k: len(r.step_seconds) for k, r in sides.items()},
         "reward_range": {k: [min(r.rewards), max(r.rewards)] for k, r in sides.items()},
         "m2io_jax_compiles_in_timed_steps": sides["m2io_jax"].compiles_in_timed_steps(warmup),
+        "micro_batch_prompts": micro,
     }
     if peer:
         ratio = sides["m2io_jax"].steps_per_second(warmup) / sides["tunix"].steps_per_second(warmup)
         out["ratio"] = round(ratio, 3)
-        out["tunix_micro_batch_prompts"] = micro
         print(f"  m2io_jax / tunix: {ratio:.2f}x")
     return out
 
@@ -281,7 +285,7 @@ def main(argv: Sequence[str]) -> None:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # tunix logs every prompt of every step at INFO
-    print(f"devices: {jax.devices()}; jax {jax.__version__}")
+    print(f"devices: {jax.devices()}; jax {jax.__version__}", flush=True)
     max_length = max(4096, max(w.prompt + w.new for w in workloads))
     results = []
     with tempfile.TemporaryDirectory() as directory:
@@ -291,7 +295,7 @@ def main(argv: Sequence[str]) -> None:
         print(f"model {size}: {n_params / 1e6:.1f}M parameters (tied embeddings), float32")
         for w in workloads:
             results.append(run_workload(directory, size, w, steps=_STEPS.value, warmup=_WARMUP_STEPS.value,
-                                        peer=not _SKIP_PEER.value, logits_gib=_PEER_LOGITS_GIB.value))
+                                        peer=not _SKIP_PEER.value, logits_gib=_LOGITS_GIB.value))
     summary: dict[str, Any] = {"size": size}
     for r in results:
         key = r["workload"].replace("+", "x")

@@ -15,11 +15,11 @@ def test_reward_is_the_fraction_of_ids_in_the_fixed_set():
     assert bench.reward_of([]) == 0.0
 
 
-def test_tunix_micro_batches_keep_their_logits_under_the_bound():
+def test_micro_batches_keep_tunix_logits_under_the_bound():
     long = Workload(prompt=1024, new=128, samples=8)
-    assert bench.peer_micro_batch_prompts(SIZES["40m"], long, logits_gib=1.5) == 1  # 1.1 GiB per prompt
-    assert bench.peer_micro_batch_prompts(SIZES["40m"], Workload(128, 128, 8), logits_gib=1.5) == 4
-    assert bench.peer_micro_batch_prompts(SIZES["tiny"], long, logits_gib=1.5) == 8
+    assert bench.micro_batch_prompts(SIZES["40m"], long, logits_gib=1.5) == 1  # 1.1 GiB per prompt
+    assert bench.micro_batch_prompts(SIZES["40m"], Workload(128, 128, 8), logits_gib=1.5) == 4
+    assert bench.micro_batch_prompts(SIZES["tiny"], long, logits_gib=1.5) == 8
 
 
 @pytest.mark.slow
