@@ -264,6 +264,35 @@ class DecoderLayers(StackedLayers):
         self.gate_proj = p((n, d, f), ("layers", "embed", "mlp"))
         self.up_proj = p((n, d, f), ("layers", "embed", "mlp"))
         self.down_proj = p((n, f, d), ("layers", "mlp", "embed"))
+        self.lora = nnx.data(None)  # LoRA adapters of the projections, attached by `m2io_jax.models.lora.apply`
+
+    def stacked(self, dtype: Any) -> dict[str, jax.Array]:
+        """The stacked weights (`StackedLayers.stacked`) plus the enabled LoRA factors under "<name>/lora_a" and
+        "<name>/lora_b" (`project` adds their update)."""
+        weights = super().stacked(dtype)
+        if self.lora is not None:
+            weights.update(self.lora.stacked(dtype))
+        return weights
+
+
+def project(x: jax.Array, w: dict[str, jax.Array], name: str, equation: str) -> jax.Array:
+    """`einsum(equation, x, w[name])` plus, when `w` carries LoRA factors for `name`, their low-rank update
+    (x @ A) @ B (the scale alpha / rank is folded into B by `LoraAdapters.stacked`).
+
+    The factors' equations come from `equation`: A [*in, r] contracts the dimensions of x that the weight
+    contracts, B [r, *out] produces the weight's output dimensions. Without factors this is the plain einsum.
+    """
+    y = jnp.einsum(equation, x, w[name])
+    a = w.get(f"{name}/lora_a")
+    if a is None:
+        return y
+    x_dims, rest = equation.split(",")
+    w_dims, out_dims = rest.split("->")
+    contracted = "".join(ch for ch in w_dims if ch in x_dims)
+    produced = "".join(ch for ch in w_dims if ch not in x_dims)
+    kept = "".join(ch for ch in x_dims if ch not in w_dims)
+    low = jnp.einsum(f"{x_dims},{contracted}r->{kept}r", x, a)  # [..., r]
+    return y + jnp.einsum(f"{kept}r,r{produced}->{out_dims}", low, w[f"{name}/lora_b"])
 
 
 def project_qkv(
@@ -275,9 +304,9 @@ def project_qkv(
     whose decode step attends differently (shared prompt cache) but projects the same way.
     """
     h = rms_norm(x, w["input_norm"], config.rms_norm_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, w["q_proj"]) + w["q_bias"]
-    k = jnp.einsum("btd,dnh->btnh", h, w["k_proj"]) + w["k_bias"]
-    v = jnp.einsum("btd,dnh->btnh", h, w["v_proj"]) + w["v_bias"]
+    q = project(h, w, "q_proj", "btd,dnh->btnh") + w["q_bias"]
+    k = project(h, w, "k_proj", "btd,dnh->btnh") + w["k_bias"]
+    v = project(h, w, "v_proj", "btd,dnh->btnh") + w["v_bias"]
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -286,11 +315,11 @@ def attention_residual_and_mlp(
 ) -> jax.Array:
     """Second half of a decoder layer: output projection of attended [B, T, H, hd] and the SwiGLU MLP, each
     added to the residual stream x [B, T, D]."""
-    x = x + jnp.einsum("btnh,nhd->btd", attended, w["o_proj"])
+    x = x + project(attended, w, "o_proj", "btnh,nhd->btd")
     h = rms_norm(x, w["post_norm"], config.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, w["gate_proj"])
-    up = jnp.einsum("btd,df->btf", h, w["up_proj"])
-    return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down_proj"])
+    gate = project(h, w, "gate_proj", "btd,df->btf")
+    up = project(h, w, "up_proj", "btd,df->btf")
+    return x + project(jax.nn.silu(gate) * up, w, "down_proj", "btf,fd->btd")
 
 
 def decoder_layer(
