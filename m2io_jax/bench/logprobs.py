@@ -18,8 +18,10 @@ in play; a VL prompt holds IMAGES_PER_PROMPT images of random pixels) and G comp
    The vision features are computed once outside the timed pass in both layouts (the tiny config freezes the
    tower, so the trainer computes them once per step). Figures: steady-state seconds per pass (compilation
    excluded: one untimed call, then the median of `--repeats` calls, the layouts alternating), the speedup,
-   the compiled programs' FLOPs (XLA `cost_analysis`) with their ratio, and the largest log-prob difference
-   between the layouts. A case whose full layout holds more than `--max_timed_tokens` tokens (B * G * (P + N);
+   the compiled programs' FLOPs (XLA `cost_analysis`) with their ratio, the same from an analytic matmul count
+   (`analytic_gflop`: XLA counts the body of the layers' `lax.scan` once, not once per layer, so its figures
+   undercount both layouts and weigh the LM head too heavily), and the largest log-prob difference between the
+   layouts. A case whose full layout holds more than `--max_timed_tokens` tokens (B * G * (P + N);
    0: no limit) is compiled and counted but not run (its activations may not fit a small machine).
 2. Weight-layout refresh (`--refresh_cases`): on a mesh of every device on the fsdp axis (`--fake_devices`
    fake CPU devices, set before jax starts), the parameters fsdp-sharded as `rl.Trainer` places them,
@@ -210,6 +212,31 @@ def value_and_grad_program(model, logprobs_fn: Callable, *args):
     return compiled, params, float(cost["flops"]) / 1e9
 
 
+def analytic_gflop(case: Case, *, shared: bool) -> float:
+    """Matmul GFLOP of the decoder's log-prob + gradient pass (backward = 2x forward; 2 FLOPs per multiply-add).
+
+    Projections and MLP per token and layer; attention as the xla implementation computes it, every [query, key]
+    pair of the score matrix (masked ones too): shared, each prompt's P x P and each completion's N x (P + N);
+    full, (P + N)^2 per row. The LM head on the B * G * N completion tokens in both layouts. Vision excluded (its
+    features are computed once, outside the pass). XLA's `cost_analysis` counts a `lax.scan` body once, not once
+    per layer, so for this model (layers in a scan) it undercounts both layouts; this count does not.
+    """
+    from m2io_jax.models.tiny import TEXT_SHAPE
+
+    t = {**TEXT_SHAPE, **MODELS[case.model]["text_shape"]}
+    d, layers, heads = t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"]
+    kv, hd = t["num_key_value_heads"], d // heads
+    per_token = 2 * (2 * d * heads * hd + 2 * d * kv * hd + 3 * d * t["intermediate_size"])
+    b, g, p, n = case.prompts, case.samples, case.prompt, case.new
+    if shared:
+        tokens, pairs = b * p + b * g * n, b * p * p + b * g * n * (p + n)
+    else:
+        tokens, pairs = b * g * (p + n), b * g * (p + n) ** 2
+    lm_head = 2 * d * MODELS[case.model]["vocab_size"] * b * g * n
+    forward = layers * (tokens * per_token + 4 * heads * hd * pairs) + lm_head
+    return 3 * forward / 1e9
+
+
 def _seconds(fn: Callable[[], Any]) -> float:
     import jax
 
@@ -243,6 +270,10 @@ def logprob_case(case: Case, repeats: int, max_timed_tokens: int) -> dict[str, A
         "shared_gflop": round(shared_gflop, 2), "full_gflop": round(full_gflop, 2),
         "flop_ratio": round(shared_gflop / full_gflop, 4), "timed": False,
     }
+    analytic = {layout: analytic_gflop(case, shared=layout == "shared") for layout in ("shared", "full")}
+    out.update({"analytic_shared_gflop": round(analytic["shared"], 2),
+                "analytic_full_gflop": round(analytic["full"], 2),
+                "analytic_flop_ratio": round(analytic["shared"] / analytic["full"], 4)})
     if max_timed_tokens and case.full_tokens > max_timed_tokens:
         return out
 
@@ -340,15 +371,17 @@ def cpu_model() -> str:
 
 
 def _print_logprob_table(results: dict[str, dict[str, Any]]) -> None:
-    print(f"\nlog-prob + gradient pass, float32 (shared: each prompt once; full: B * G rows of prompt + completion)")
+    print("\nlog-prob + gradient pass, float32 (shared: each prompt once; full: B * G rows of prompt + completion)")
     print(f"  {'case':26s} {'params':>7s} {'shared s':>9s} {'full s':>8s} {'speedup':>8s} "
-          f"{'shared GF':>10s} {'full GF':>9s} {'FLOP ratio':>10s} {'max |diff|':>10s}")
+          f"{'XLA GF shared':>13s} {'/ full':>8s} {'ratio':>6s} {'GF shared':>10s} {'/ full':>8s} {'ratio':>6s} "
+          f"{'max |diff|':>10s}")
     for name, r in results.items():
         timed = (f"{r['shared_s']:9.3f} {r['full_s']:8.3f} {r['speedup']:7.2f}x" if r["timed"]
                  else f"{'-':>9s} {'-':>8s} {'-':>8s}")
         diff = f"{r['max_abs_diff']:10.1e}" if r["timed"] else f"{'-':>10s}"
-        print(f"  {name:26s} {r['params_m']:6.2f}M {timed} {r['shared_gflop']:10.1f} {r['full_gflop']:9.1f} "
-              f"{r['flop_ratio']:10.3f} {diff}", flush=True)
+        print(f"  {name:26s} {r['params_m']:6.2f}M {timed} {r['shared_gflop']:13.1f} {r['full_gflop']:8.1f} "
+              f"{r['flop_ratio']:6.3f} {r['analytic_shared_gflop']:10.1f} {r['analytic_full_gflop']:8.1f} "
+              f"{r['analytic_flop_ratio']:6.3f} {diff}", flush=True)
 
 
 def _print_refresh_table(results: dict[str, dict[str, Any]]) -> None:

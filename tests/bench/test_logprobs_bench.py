@@ -22,6 +22,17 @@ def test_cases_parse_and_malformed_ones_are_refused():
         bench.parse_case("vl_tiny@72x8x1x2", "refresh_cases")  # four images take 72 tokens
 
 
+def test_analytic_flops_count_the_prompt_once_in_the_shared_layout():
+    case = bench.parse_case("text_40m@1024x128x8x8", "cases")
+    d, layers, v = 512, 8, 32000
+    per_token = 2 * (2 * d * d + 2 * d * 128 + 3 * d * 1536)  # q and o, k and v (2 KV heads of 64), the MLP
+    head = 2 * d * v * 64 * 128
+    full = 3 * (layers * (64 * 1152 * per_token + 4 * d * 64 * 1152**2) + head) / 1e9
+    shared = 3 * (layers * ((8 * 1024 + 64 * 128) * per_token + 4 * d * (8 * 1024**2 + 64 * 128 * 1152)) + head) / 1e9
+    assert bench.analytic_gflop(case, shared=False) == pytest.approx(full, rel=1e-12)
+    assert bench.analytic_gflop(case, shared=True) == pytest.approx(shared, rel=1e-12)
+
+
 def test_vl_prompts_hold_their_images_and_left_padding():
     model = bench.build_model("vl_tiny")
     case = bench.parse_case("vl_tiny@100x4x3x2", "cases")
@@ -44,12 +55,13 @@ def test_logprobs_benchmark_smoke_run():
     untimed = "vl_tiny@128x8x2x8"  # 2 * 8 * 136 full-layout tokens: over --max_timed_tokens, FLOPs only
     result = run_benchmark("logprobs", f"--cases={','.join([*timed, untimed])}", "--max_timed_tokens=1000",
                            "--refresh_cases=vl_tiny@96x8x8x2", "--repeats=1", "--fake_devices=8")
-    flops = ["shared_gflop", "full_gflop", "flop_ratio", "params_m"]
+    flops = ["shared_gflop", "full_gflop", "flop_ratio", "analytic_shared_gflop", "analytic_full_gflop",
+             "analytic_flop_ratio", "params_m"]
     for name in timed:
         figures = result["logprobs"][name]
         assert figures["timed"] and 0 <= figures["max_abs_diff"] < 1e-4, figures  # the layouts agree
         assert_positive_finite(figures, [*flops, "shared_s", "full_s", "speedup"])
-        assert figures["flop_ratio"] < 1, figures  # the shared layout computes the prompt once
+        assert figures["flop_ratio"] < 1 and figures["analytic_flop_ratio"] < 1, figures  # the prompt runs once
     assert not result["logprobs"][untimed]["timed"]
     assert_positive_finite(result["logprobs"][untimed], flops)
     refresh = result["refresh"]["vl_tiny@96x8x8x2"]
