@@ -47,7 +47,8 @@ import jax
 import ml_collections
 from absl import flags
 
-from m2io_jax import cli, models, sharding, train_config
+from m2io_jax import cli, fit, models, sharding, train_config
+from m2io_jax.buckets import bucket_size
 from m2io_jax.checkpoint import (PREEMPTED_EXIT, Position, Preempted, RunCheckpoints, SigtermFlag, check_config,
                                  save_hf_model)
 from m2io_jax.inserter import evaluation, pipeline, sources
@@ -55,6 +56,7 @@ from m2io_jax.inserter.task import RewardAdapter
 from m2io_jax.models import sentence_encoder, tiny
 from m2io_jax.models.qwen2_5_vl_processor import IMAGE_PAD, Qwen2_5_VLProcessor
 from m2io_jax.rl.trainer import PromptBatch, RewardResult, Trainer
+from m2io_jax.run_log import RunLog, check_writable
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for the run's outputs (created if missing; required)")
 _CONFIG = cli.define_config(train_config, "training settings (default: m2io_jax/train_config.py)")
@@ -140,8 +142,35 @@ def prompt_batch(batch: Sequence[pipeline.PromptExample], *, with_targets: bool)
                        targets=[list(e.target_ids) for e in batch] if with_targets else None)
 
 
+def check_fit(config: ml_collections.ConfigDict, model: Any, train_examples: Sequence[pipeline.PromptExample],
+              sft_examples: Sequence[pipeline.PromptExample], suppress_tokens: Sequence[int],
+              mesh: jax.sharding.Mesh | None) -> None:
+    """`fit.check` before step 0 for each stage that runs, on its longest prompts; prints each report (skipped
+    where the backend reports no memory) and stops with its message when a stage does not fit."""
+    stages = []
+    if config.sft.num_steps > 0 and sft_examples:
+        sft_config = ml_collections.ConfigDict({"grpo": config.grpo, "optimizer": config.sft.optimizer,
+                                                "rollout": config.rollout})
+        r = config.rollout
+        target = bucket_size(max(len(e.target_ids) for e in sft_examples), tuple(r.completion_lengths),
+                             r.min_completion_length, "target length")
+        stages.append(("sft", sft_config, sft_examples, config.sft.batch_size, target))
+    if config.grpo.num_steps > 0:
+        stages.append(("grpo", config, train_examples, config.grpo.batch_size, config.rollout.max_new_tokens))
+    for stage, stage_config, stage_examples, batch_size, completion_length in stages:
+        batch = [stage_examples[i] for i in fit.longest([e.prompt_ids for e in stage_examples], batch_size)]
+        report = fit.check(model, stage_config, stage=stage, prompts=[list(e.prompt_ids) for e in batch],
+                           images=[e.images for e in batch], completion_length=completion_length,
+                           suppress_tokens=suppress_tokens, mesh=mesh)
+        print(report.message, flush=True)
+        if report.fits is False:
+            raise cli.UserError(report.message)
+
+
 class Progress:
-    """metrics.jsonl (every `log_every` steps) and a console line (every `print_every` steps) with the ETA.
+    """metrics.jsonl and TensorBoard scalars (every `log_every` steps), a console line (every `print_every` steps)
+    with the ETA, sampled completions as TensorBoard text (every `samples_every` GRPO steps, from `samples`), and
+    the stop after `max_nonfinite_in_a_row` steps in a row whose update was skipped for a NaN or infinite loss.
 
     The ETA is the remaining steps of this and later stages at the mean time of the last `_RECENT` steps (the
     first steps of a stage also compile, so a mean over all steps would overstate the rest).
@@ -150,8 +179,14 @@ class Progress:
     _RECENT = 20
 
     def __init__(self, workdir: str, stage_steps: dict[str, int], *, log_every: int, print_every: int,
-                 resumed: Position | None = None):
+                 run_log: RunLog, max_nonfinite_in_a_row: int, samples_every: int = 0,
+                 samples: Callable[[], list[str]] | None = None, resumed: Position | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.run_log = run_log
+        self.max_nonfinite_in_a_row = max(1, max_nonfinite_in_a_row)
+        self.nonfinite_in_a_row = 0
+        self.samples_every = samples_every
+        self.samples = samples
         self.stage_steps = stage_steps
         self.log_every = max(1, log_every)
         self.print_every = max(1, print_every)
@@ -171,11 +206,20 @@ class Progress:
         if step % self.log_every == 0 or last:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "stage": stage, **metrics}, allow_nan=True) + "\n")
+            self.run_log.scalars(stage, step, metrics)
+        if stage == "grpo" and self.samples is not None and self.samples_every and step % self.samples_every == 0:
+            self.run_log.texts("grpo/samples", step, self.samples())
         if step % self.print_every == 0 or last:
             key = "loss" if stage == "sft" else "reward/mean"
             eta = self.eta_seconds(stage)
             print(f"[{stage} {step}/{self.stage_steps[stage]}] {key}={metrics.get(key, math.nan):.4f} "
                   f"{seconds:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if metrics.get("skipped_nonfinite") else 0
+        if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
+            raise cli.UserError(
+                f"{stage} step {step}: the loss or gradient was NaN or infinite in {self.nonfinite_in_a_row} steps "
+                f"in a row (config.max_nonfinite_in_a_row={self.max_nonfinite_in_a_row}); their updates were "
+                f"skipped. Check the rewards (metrics.jsonl), lower the learning rate or compute in float32")
 
 
 def keep_records_until(path: str, position: Position | None) -> None:
@@ -207,8 +251,8 @@ def run_stage(stage: str, trainer: Trainer, batches: Iterator[list[pipeline.Prom
 
 def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] = ()) -> dict[str, dict[str, float]]:
     """Runs the training described in the module docstring; returns eval.json's content."""
+    check_writable(workdir)
     enable_compilation_cache(config.compilation_cache_dir)
-    os.makedirs(workdir, exist_ok=True)
     config_json = json.loads(config.to_json_best_effort())
     checkpoints = RunCheckpoints(workdir, config.checkpoint)
     resumed = checkpoints.saved()
@@ -244,8 +288,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
     stop_tokens = pipeline.stop_token_ids(tokenizer)
     suppress_tokens = (tokenizer.convert_tokens_to_ids(IMAGE_PAD),)
     adapter = RewardAdapter(tokenizer, config.inserter, stop_tokens)
+    check_fit(config, model, examples["train"], sft_examples, suppress_tokens, mesh)
+
+    last_completions: list[Sequence[int]] = []  # the latest rollout's, for the sampled-text log
 
     def reward_fn(batch_examples: Sequence[Any], completions: Sequence[Sequence[int]]) -> RewardResult:
+        last_completions[:] = completions
         scored = adapter(batch_examples, completions)
         return RewardResult(total=scored.total, components=scored.components, counts=scored.counts)
 
@@ -254,14 +302,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
                                    max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                                    stop_tokens=stop_tokens, suppress_tokens=suppress_tokens)
 
+    def samples() -> list[str]:
+        return [tokenizer.decode(list(c)) for c in last_completions[:config.num_samples_logged]]
+
     results: dict[str, dict[str, float]] = {}
     if resumed is not None and os.path.isfile(os.path.join(workdir, "eval.json")):
         with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
             results = json.load(f)
+    run_log = RunLog(workdir)
+    eval_steps = {"init": 0, "sft": config.sft.num_steps, "grpo": config.sft.num_steps + config.grpo.num_steps}
 
     def record_eval(stage: str, policy: Any) -> None:
         results[stage] = evaluate(policy)
         write_json(os.path.join(workdir, "eval.json"), results)
+        run_log.scalars("eval", eval_steps[stage], results[stage])
         print(f"eval {stage}: " + " ".join(f"{k}={v:.4f}" for k, v in results[stage].items()), flush=True)
 
     if config.eval.rule_baseline and "rule" not in results:
@@ -269,12 +323,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
         results["rule"] = {**scores, "threshold": threshold}
         print(f"eval rule (threshold {threshold} chosen on validation by reward): "
               + " ".join(f"{k}={v:.4f}" for k, v in scores.items()), flush=True)
+        run_log.scalars("eval_rule", 0, results["rule"])
     if config.eval.before_training and "init" not in results:
         record_eval("init", model)
     stage_steps = {"sft": config.sft.num_steps, "grpo": config.grpo.num_steps}
     progress = Progress(workdir, {stage: n for stage, n in stage_steps.items() if n > 0},
-                        log_every=config.log_every, print_every=config.print_every,
-                        resumed=None if resumed is None else resumed.position)
+                        log_every=config.log_every, print_every=config.print_every, run_log=run_log,
+                        max_nonfinite_in_a_row=config.max_nonfinite_in_a_row, samples_every=config.samples_every,
+                        samples=samples, resumed=None if resumed is None else resumed.position)
     seed = config.seed
     position = None if resumed is None else resumed.position
 
@@ -330,6 +386,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
         finally:
             checkpoints.close()
     save_hf_model(model, processor, checkpoint, os.path.join(workdir, "final"))
+    run_log.close()
     return results
 
 

@@ -24,7 +24,10 @@ Sections:
   checkpoint Orbax checkpoints in `{workdir}/checkpoints` (`m2io_jax.checkpoint`): every_steps (run steps
              between saves; each stage's end and a preemption also save), keep (the newest N kept),
              asynchronous (write in the background while training goes on).
-  seed; log_every (steps between metrics.jsonl records) and print_every (between console progress lines);
+  seed; log_every (steps between metrics.jsonl and TensorBoard records, `{workdir}/tensorboard`) and
+  print_every (between console progress lines); samples_every (GRPO steps between num_samples_logged sampled
+  completions written as TensorBoard text; 0: never); max_nonfinite_in_a_row (a NaN or infinite loss skips its
+  update; this many in a row stop the run);
   compilation_cache_dir (the persistent JAX compilation cache; "" turns it off).
 """
 
@@ -44,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.log_every = 1
     c.print_every = 10
+    c.samples_every = 10
+    c.num_samples_logged = 4
+    c.max_nonfinite_in_a_row = 3
     c.compilation_cache_dir = "~/.cache/m2io_jax/jax_cache"
 
     c.data = data_config.get_config()

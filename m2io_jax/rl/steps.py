@@ -168,6 +168,21 @@ def _apply(spec: StepSpec, params: nnx.State, opt_state: Any, grads: nnx.State) 
     return params, opt_state
 
 
+def _apply_if_finite(spec: StepSpec, params: nnx.State, opt_state: Any, grads: nnx.State,
+                     metrics: dict[str, jax.Array]) -> tuple[nnx.State, Any, dict[str, jax.Array]]:
+    """`_apply`, unless the loss or the gradient norm is NaN or infinite: then the parameters and the optimizer
+    state stay as they were (a select inside the program: the inputs are donated). Adds "skipped_nonfinite"
+    (1 when skipped, else 0) to `metrics`."""
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    new_params, new_opt_state = _apply(spec, params, opt_state, grads)
+
+    def keep(new: jax.Array, old: jax.Array) -> jax.Array:
+        return jnp.where(finite, new, old)
+
+    params, opt_state = jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+    return params, opt_state, {**metrics, "skipped_nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -264,19 +279,20 @@ def rl_grpo_gradients(spec: StepSpec, params: nnx.State, batch: GrpoBatch, accum
 def rl_apply_gradients(spec: StepSpec, params: nnx.State, opt_state: Any, accumulated: Accumulated,
                        ) -> tuple[nnx.State, Any, dict[str, jax.Array]]:
     """One optimizer step with the accumulated gradients over the summed denominator (the full batch's
-    gradient); returns the loss, gradient norm, clip fraction and mean KL."""
+    gradient); returns the loss, gradient norm, clip fraction, mean KL and skipped_nonfinite (the update skipped
+    for a NaN or infinite loss or gradient: `_apply_if_finite`)."""
     denominator = jnp.maximum(accumulated.denominator, 1.0)
     grads = jax.tree.map(lambda x: x / denominator, accumulated.grads)
     tokens = jnp.maximum(accumulated.tokens, 1.0)
     metrics = {"loss": accumulated.total / denominator, "grad_norm": _grad_norm(spec, grads),
                "clip_fraction": accumulated.clipped / tokens, "kl": accumulated.kl / tokens}
-    params, opt_state = _apply(spec, params, opt_state, grads)
-    return params, opt_state, metrics
+    return _apply_if_finite(spec, params, opt_state, grads, metrics)
 
 
 def rl_sft_update(spec: StepSpec, params: nnx.State, opt_state: Any, batch: SftBatch,
                   ) -> tuple[nnx.State, Any, dict[str, jax.Array]]:
-    """One optimizer step on the token-mean cross-entropy of the targets (log-probs at temperature 1)."""
+    """One optimizer step on the token-mean cross-entropy of the targets (log-probs at temperature 1), skipped
+    when the loss or gradient is not finite (`_apply_if_finite`)."""
 
     def loss_fn(p):
         features = _trained_features(spec, p, batch.inputs, batch.features)
@@ -285,8 +301,7 @@ def rl_sft_update(spec: StepSpec, params: nnx.State, opt_state: Any, batch: SftB
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     metrics = {"loss": loss, "grad_norm": _grad_norm(spec, grads)}
-    params, opt_state = _apply(spec, params, opt_state, grads)
-    return params, opt_state, metrics
+    return _apply_if_finite(spec, params, opt_state, grads, metrics)
 
 
 init_optimizer = jax.jit(rl_init_optimizer, static_argnums=0)

@@ -185,7 +185,8 @@ class Trainer:
     def sft_step(self, batch: PromptBatch) -> dict[str, float]:
         """One optimizer step on the token-mean cross-entropy of `batch.targets` given the prompts.
 
-        Returns "loss" (before the update), "grad_norm", "target_tokens", "tokens_per_second", "time/update"
+        Returns "loss" (before the update), "grad_norm", "skipped_nonfinite" (1 when the update was skipped for a
+        NaN or infinite loss or gradient), "target_tokens", "tokens_per_second", "time/update"
         and "compiled_programs".
         """
         start = time.perf_counter()
@@ -222,7 +223,10 @@ class Trainer:
         Metrics: "reward/mean", "reward/std", "reward/<component>" (mean over the completions where it
         applies; left out when it applies to none), "groups_all_tied", "count/<name>", "completion_length",
         "truncated_fraction", "loss", "grad_norm", "clip_fraction", "kl" (beta > 0 only),
-        "logprob_diff/sampler_vs_trainer" (mean absolute difference per token), "tokens_per_second" (completion
+        "logprob_diff/sampler_vs_trainer" (mean absolute difference per token), "entropy" (token-mean entropy of
+        the policy at the sampling temperature, estimated by the sampled tokens' negative log-probs under the
+        parameters before the update: their expectation is the entropy), "skipped_nonfinite" (1 when the update
+        was skipped for a NaN or infinite loss or gradient), "tokens_per_second" (completion
         tokens over the step's time), "time/rollout", "time/reward", "time/logprobs", "time/update",
         "compiled_programs". Loss, gradient norm and clipping are the last iteration's.
         """
@@ -281,6 +285,7 @@ class Trainer:
             "truncated_fraction": float(completions.truncated[:b].mean()),
             "logprob_diff/sampler_vs_trainer": float(
                 np.sum(np.abs(sampler_logp - trainer_logp) * completions.mask) / max(completions.num_tokens, 1)),
+            "entropy": float(-np.sum(trainer_logp * completions.mask) / max(completions.num_tokens, 1)),
             "tokens_per_second": completions.num_tokens / (end - start),
             "time/rollout": rollout_done - start, "time/reward": reward_done - rollout_done,
             "time/logprobs": logprobs_done - reward_done, "time/update": end - logprobs_done,
