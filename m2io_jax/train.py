@@ -53,7 +53,7 @@ from m2io_jax.checkpoint import (PREEMPTED_EXIT, Position, Preempted, RunCheckpo
                                  save_hf_model)
 from m2io_jax.inserter import evaluation, pipeline, sources
 from m2io_jax.inserter.task import RewardAdapter
-from m2io_jax.models import sentence_encoder, tiny
+from m2io_jax.models import lora, sentence_encoder, tiny
 from m2io_jax.models.qwen2_5_vl_processor import IMAGE_PAD, Qwen2_5_VLProcessor
 from m2io_jax.rl.trainer import PromptBatch, RewardResult, Trainer
 from m2io_jax.run_log import RunLog, check_writable
@@ -375,13 +375,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
             else:
                 sft_steps = 0 if position is None else position.sft_steps
             if config.grpo.num_steps > 0:
-                trainer = Trainer(model, config, reward_fn=reward_fn, stop_tokens=stop_tokens,
-                                  suppress_tokens=suppress_tokens, mesh=mesh)
+                trainer = Trainer(lora.apply_config(model, config.lora), config, reward_fn=reward_fn,
+                                  stop_tokens=stop_tokens, suppress_tokens=suppress_tokens, mesh=mesh)
+                del model  # the trainer holds the weights now (with LoRA: the base once, in the compute dtype)
                 batches = pipeline.batches(examples["train"], batch_size=config.grpo.batch_size, seed=seed + 1)
                 first_step = resume_stage("grpo", trainer, batches)
                 run_stage("grpo", trainer, batches, config.grpo.num_steps, progress, first_step=first_step,
                           after_step=checkpoint_after("grpo", trainer, batches, sft_steps=sft_steps))
-                model = trainer.model
+                model = lora.merge(trainer.model)  # a plain model (no adapters) for evaluation and export
                 record_eval("grpo", model)
         finally:
             checkpoints.close()

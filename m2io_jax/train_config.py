@@ -24,6 +24,8 @@ Sections:
   checkpoint Orbax checkpoints in `{workdir}/checkpoints` (`m2io_jax.checkpoint`): every_steps (run steps
              between saves; each stage's end and a preemption also save), keep (the newest N kept),
              asynchronous (write in the background while training goes on).
+  lora       `m2io_jax.rl.config.get_lora_config` (rank 0 = off): adapters added for the GRPO stage only (the
+             reference is then the SFT model, adapters off); the final checkpoint has them merged.
   seed; log_every (steps between metrics.jsonl and TensorBoard records, `{workdir}/tensorboard`) and
   print_every (between console progress lines); samples_every (GRPO steps between num_samples_logged sampled
   completions written as TensorBoard text; 0: never); max_nonfinite_in_a_row (a NaN or infinite loss skips its
@@ -80,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.grpo.num_steps = 100
     c.grpo.batch_size = 8
     c.optimizer = trainer.optimizer
+    c.lora = rl_config.get_lora_config()
     c.rollout = trainer.rollout
 
     c.eval = ml_collections.ConfigDict()

@@ -152,6 +152,7 @@ def merge(model: nnx.Module) -> nnx.Module:
                                    b.reshape(b.shape[0], b.shape[1], -1))  # [L, in, out]
                 base = weight[...]
                 merged_weight = base.astype(jnp.float32) + adapters.scale * delta.reshape(base.shape)
-                setattr(layers, name, weight.replace(merged_weight.astype(base.dtype)))  # a new variable: `model` keeps W
+                # a new variable, so that `model` keeps its W
+                setattr(layers, name, weight.replace(merged_weight.astype(base.dtype)))
         layers.lora = None
     return merged

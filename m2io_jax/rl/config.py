@@ -28,6 +28,13 @@ Optimizer fields (read by `m2io_jax.rl.optimizer.build_optimizer`):
   param_dtype / compute_dtype: master weights and optimizer state in `param_dtype`; the loss casts floating
     parameters to `compute_dtype` (`optimizer.cast_floating`), e.g. float32 master with bfloat16 compute.
 
+LoRA fields (read by `m2io_jax.models.lora.apply_config`, called by `m2io_jax.train` before the GRPO stage):
+  rank: adapter rank r; 0 turns LoRA off (every parameter trains).
+  alpha: the update is scaled by alpha / rank.
+  target: regex searched in each projection's path (e.g. "language_model/layers/q_proj"); the default adapts
+    the attention (q, k, v, o) and MLP (gate, up, down) projections of the language model.
+  seed: draws the A factors (B starts at zero, so the adapted model starts equal to the base).
+
 Rollout fields (read by `m2io_jax.rl.trainer.Trainer`):
   max_new_tokens: the completion budget per sample; a completion that reaches it without a stop token is
     flagged truncated.
@@ -78,6 +85,15 @@ def get_optimizer_config() -> ml_collections.ConfigDict:
     c.param_rules = ()
     c.param_dtype = "float32"
     c.compute_dtype = "bfloat16"
+    return c
+
+
+def get_lora_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.rank = 0
+    c.alpha = 16.0
+    c.target = r"(q|k|v|o|gate|up|down)_proj$"
+    c.seed = 0
     return c
 
 

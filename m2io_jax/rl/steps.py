@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,13 +32,14 @@ import optax
 from flax import nnx, struct
 from jax import monitoring
 
+from m2io_jax.models import lora
 from m2io_jax.models.protocol import PreparedInputs
 from m2io_jax.rl import grpo
 from m2io_jax.rl.optimizer import FROZEN, build_optimizer, cast_floating, parameter_labels, parameter_path
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-PROGRAMS = ("rl_init_optimizer", "rl_encode_vision", "rl_logprobs", "rl_grpo_gradients", "rl_apply_gradients",
-            "rl_sft_update")
+PROGRAMS = ("rl_init_optimizer", "rl_encode_vision", "rl_logprobs", "rl_reference_logprobs", "rl_grpo_gradients",
+            "rl_apply_gradients", "rl_sft_update")
 _COMPILES: collections.Counter[str] = collections.Counter()
 
 
@@ -97,18 +99,22 @@ class StepSpec:
     grpo_items: tuple[tuple[str, Any], ...]
     optimizer_items: tuple[tuple[str, Any], ...]
     param_shardings: tuple[Any, ...] | None
+    adapters: bool = False  # LoRA: only the adapters train; the reference is the model with adapters off
 
     @classmethod
     def create(cls, graphdef: Any, params: nnx.State, *, temperature: float, suppress_tokens: Sequence[int],
                grpo_config: ml_collections.ConfigDict, optimizer_config: ml_collections.ConfigDict,
-               mesh: jax.sharding.Mesh | None, vision_parameters: str | None) -> StepSpec:
+               mesh: jax.sharding.Mesh | None, vision_parameters: str | None, adapters: bool = False) -> StepSpec:
+        """The spec of a trainer over `params`. adapters: the model carries LoRA adapters (`models.lora`); then
+        only they train, and `param_rules` (checked against every path) keep the rules that match an adapter."""
         shardings = None if mesh is None else tuple(x.sharding for x in jax.tree.leaves(params))
         return cls(graphdef=graphdef, temperature=float(temperature),
                    suppress_tokens=tuple(int(t) for t in suppress_tokens),
                    compute_dtype=str(optimizer_config.compute_dtype),
-                   train_vision=_trains(params, optimizer_config.param_rules, vision_parameters),
+                   train_vision=not adapters and _trains(params, optimizer_config.param_rules, vision_parameters),
                    grpo_items=_items(grpo_config),
-                   optimizer_items=_items(optimizer_config), param_shardings=shardings)
+                   optimizer_items=_items(_adapter_rules(optimizer_config, params) if adapters else optimizer_config),
+                   param_shardings=shardings, adapters=adapters)
 
     def grpo_config(self) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(dict(self.grpo_items))
@@ -124,6 +130,35 @@ def _trains(params: nnx.State, rules: Sequence[Any], prefix: str | None) -> bool
     labelled = jax.tree_util.tree_leaves_with_path(parameter_labels(params, rules))
     return any(label != FROZEN for path, label in labelled
                if parameter_path(path) == prefix or parameter_path(path).startswith(prefix + "/"))
+
+
+def _adapter_rules(config: ml_collections.ConfigDict, params: nnx.State) -> ml_collections.ConfigDict:
+    """`config` with the param_rules that match some adapter path (all are first checked against every path,
+    so a misspelt rule still raises): with LoRA the optimizer sees only the adapters."""
+    rules = tuple(config.param_rules)
+    parameter_labels(params, rules)
+    paths = [parameter_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(split_trainable(True, params)[0])]
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.param_rules = tuple(r for r in rules if any(re.fullmatch(r[0], path) for path in paths))
+    return config
+
+
+def _is_adapter(path: tuple[Any, ...], _: Any) -> bool:
+    return lora.is_adapter_path("/".join(str(p) for p in path))
+
+
+def split_trainable(adapters: bool, params: nnx.State) -> tuple[nnx.State, nnx.State | None]:
+    """(trainable, frozen) parts of `params`: the LoRA adapters and the rest when `adapters`, else (params, None).
+
+    The trainable part is what gets gradients, optimizer state and (with LoRA) a checkpoint."""
+    if not adapters:
+        return params, None
+    return nnx.split_state(params, _is_adapter, ...)
+
+
+def join_trainable(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:
+    """The inverse of `split_trainable`."""
+    return trainable if frozen is None else nnx.merge_state(trainable, frozen)
 
 
 def _items(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
@@ -160,8 +195,10 @@ def _grad_norm(spec: StepSpec, grads: nnx.State) -> jax.Array:
 
 
 def _apply(spec: StepSpec, params: nnx.State, opt_state: Any, grads: nnx.State) -> tuple[nnx.State, Any]:
-    updates, opt_state = spec.build_optimizer().update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    """One optimizer step on the trainable part of `params` (`grads` is shaped like that part)."""
+    trainable, frozen = split_trainable(spec.adapters, params)
+    updates, opt_state = spec.build_optimizer().update(grads, opt_state, trainable)
+    params = join_trainable(optax.apply_updates(trainable, updates), frozen)
     if spec.param_shardings is not None:
         shardings = jax.tree.unflatten(jax.tree.structure(params), spec.param_shardings)
         params = jax.lax.with_sharding_constraint(params, shardings)
@@ -188,7 +225,7 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def rl_init_optimizer(spec: StepSpec, params: nnx.State) -> Any:
-    return spec.build_optimizer().init(params)
+    return spec.build_optimizer().init(split_trainable(spec.adapters, params)[0])
 
 
 def rl_encode_vision(spec: StepSpec, params: nnx.State, inputs: PreparedInputs) -> jax.Array | None:
@@ -198,6 +235,14 @@ def rl_encode_vision(spec: StepSpec, params: nnx.State, inputs: PreparedInputs) 
 def rl_logprobs(spec: StepSpec, params: nnx.State, inputs: PreparedInputs, features: jax.Array | None,
                 completions: jax.Array) -> jax.Array:
     return _completion_logprobs(spec, params, inputs, features, completions, spec.temperature)
+
+
+def rl_reference_logprobs(spec: StepSpec, params: nnx.State, inputs: PreparedInputs, features: jax.Array | None,
+                          completions: jax.Array) -> jax.Array:
+    """`rl_logprobs` of the LoRA reference policy: the same parameters with the adapters off (no second copy)."""
+    model = lora.set_enabled(policy(spec, params), False)
+    return model.completion_logprobs(inputs, completions, features, temperature=spec.temperature,
+                                     suppress_tokens=spec.suppress_tokens)
 
 
 @struct.dataclass
@@ -213,10 +258,10 @@ class Accumulated:
     tokens: jax.Array  # [] completion tokens of the real rows
 
 
-def zero_accumulated(params: nnx.State) -> Accumulated:
-    """Empty sums with gradients like `params` (same shardings)."""
+def zero_accumulated(params: nnx.State, adapters: bool = False) -> Accumulated:
+    """Empty sums with gradients like the trainable part of `params` (same shardings)."""
     sums = [jnp.zeros((), jnp.float32) for _ in range(5)]  # distinct buffers: the accumulator is donated
-    return Accumulated(jax.tree.map(jnp.zeros_like, params), *sums)
+    return Accumulated(jax.tree.map(jnp.zeros_like, split_trainable(adapters, params)[0]), *sums)
 
 
 def micro_batches(batch: GrpoBatch, rows: int) -> list[GrpoBatch]:
@@ -257,7 +302,10 @@ def rl_grpo_gradients(spec: StepSpec, params: nnx.State, batch: GrpoBatch, accum
     def flat(x):
         return None if x is None else x.reshape(r * g, n)
 
-    def loss_fn(p):
+    trainable, frozen = split_trainable(spec.adapters, params)
+
+    def loss_fn(t):
+        p = join_trainable(t, frozen)
         features = _trained_features(spec, p, batch.inputs, batch.features)
         logp = _completion_logprobs(spec, p, batch.inputs, features, batch.completions, spec.temperature)  # [R, G, N]
         weighted, diagnostics = grpo.grpo_loss(
@@ -266,7 +314,7 @@ def rl_grpo_gradients(spec: StepSpec, params: nnx.State, batch: GrpoBatch, accum
             row_mask=jnp.repeat(batch.row_mask, g))
         return weighted.total, (weighted.denominator, logp, diagnostics)
 
-    (total, (denominator, logp, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (total, (denominator, logp, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     tokens = jnp.sum(batch.mask * batch.row_mask[:, None, None])
     clipped = diagnostics["clip_fraction/low"] + diagnostics["clip_fraction/high"]
     kl = diagnostics.get("kl/mean", jnp.zeros((), jnp.float32))
@@ -294,12 +342,15 @@ def rl_sft_update(spec: StepSpec, params: nnx.State, opt_state: Any, batch: SftB
     """One optimizer step on the token-mean cross-entropy of the targets (log-probs at temperature 1), skipped
     when the loss or gradient is not finite (`_apply_if_finite`)."""
 
-    def loss_fn(p):
+    trainable, frozen = split_trainable(spec.adapters, params)
+
+    def loss_fn(t):
+        p = join_trainable(t, frozen)
         features = _trained_features(spec, p, batch.inputs, batch.features)
         logp = _completion_logprobs(spec, p, batch.inputs, features, batch.targets, 1.0)  # [R, 1, N]
         return -_masked_mean(logp, batch.mask)
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
     metrics = {"loss": loss, "grad_norm": _grad_norm(spec, grads)}
     return _apply_if_finite(spec, params, opt_state, grads, metrics)
 
@@ -307,6 +358,7 @@ def rl_sft_update(spec: StepSpec, params: nnx.State, opt_state: Any, batch: SftB
 init_optimizer = jax.jit(rl_init_optimizer, static_argnums=0)
 encode_vision = jax.jit(rl_encode_vision, static_argnums=0)
 logprobs = jax.jit(rl_logprobs, static_argnums=0)
+reference_logprobs = jax.jit(rl_reference_logprobs, static_argnums=0)
 grpo_gradients = jax.jit(rl_grpo_gradients, static_argnums=0, donate_argnums=(3,))
 apply_gradients = jax.jit(rl_apply_gradients, static_argnums=0, donate_argnums=(1, 2))
 sft_update = jax.jit(rl_sft_update, static_argnums=0, donate_argnums=(1, 2))

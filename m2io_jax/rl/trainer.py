@@ -11,6 +11,9 @@ of the task. One GRPO step:
 4. log-probs in the training layout (`CausalLM.completion_logprobs`: each prompt once, its G completions
    attending to it, the same temperature and suppressed tokens as the sampler): the old policy's when
    num_iterations > 1, the reference's (a frozen copy of the initial parameters) when beta > 0;
+   with LoRA adapters on the model (`m2io_jax.models.lora`) the reference is the same parameters with the
+   adapters off, only the adapters train and have optimizer state, and the frozen base weights are held once,
+   in the compute dtype, shared by the sampler, the reference and the updates;
 5. num_iterations jitted, donated updates (`rl.steps`), sharded on the mesh the parameters live on, each
    exact over micro-batches of rollout.micro_batch_prompts prompts (gradients summed, divided once).
 
@@ -35,6 +38,7 @@ from flax import nnx
 from m2io_jax import sampling
 from m2io_jax import sharding as shd
 from m2io_jax.buckets import bucket_size
+from m2io_jax.models import lora
 from m2io_jax.models.protocol import CausalLM, PreparedInputs
 from m2io_jax.rl import grpo, rollout, steps
 from m2io_jax.rl.optimizer import cast_floating
@@ -118,15 +122,18 @@ class Trainer:
         if mesh is not None:
             params = jax.device_put(params, shd.state_shardings(params, mesh))
         self._mesh = mesh if mesh is not None else mesh_of(params)
-        self._params = cast_floating(params, config.optimizer.param_dtype)
+        adapters = lora.has_adapters(model)
+        trainable, frozen = steps.split_trainable(adapters, params)
+        self._params = steps.join_trainable(cast_floating(trainable, config.optimizer.param_dtype),
+                                            cast_floating(frozen, config.optimizer.compute_dtype))
         self._spec = steps.StepSpec.create(graphdef, self._params, temperature=config.rollout.temperature,
                                            suppress_tokens=self._suppress_tokens, grpo_config=self._grpo,
                                            optimizer_config=config.optimizer, mesh=self._mesh,
-                                           vision_parameters=model.vision_parameters)
+                                           vision_parameters=model.vision_parameters, adapters=adapters)
         with _mesh_context(self._mesh):
             self._opt_state = steps.init_optimizer(self._spec, self._params)
         self._reference = None
-        if self._grpo.beta != 0.0:
+        if self._grpo.beta != 0.0 and not adapters:
             compute = cast_floating(self._params, config.optimizer.compute_dtype)
             self._reference = jax.tree.map(lambda x: x.copy(), compute)  # own buffers: params are donated
 
@@ -269,6 +276,9 @@ class Trainer:
             if self._reference is not None:
                 train_batch = train_batch.replace(
                     ref_logp=steps.logprobs(self._spec, self._reference, inputs, features, completions.tokens))
+            elif self._grpo.beta != 0.0:
+                train_batch = train_batch.replace(ref_logp=steps.reference_logprobs(
+                    self._spec, self._params, inputs, features, completions.tokens))
             jax.block_until_ready(train_batch)
             logprobs_done = time.perf_counter()
             for _ in range(self._grpo.num_iterations):
@@ -296,14 +306,14 @@ class Trainer:
     def _update(self, batch: steps.GrpoBatch) -> tuple[dict[str, jax.Array], jax.Array]:
         """One optimizer step over `batch` in micro-batches of rollout.micro_batch_prompts rows; returns the
         update's metrics and the log-probs [R, G, N] of the parameters before it."""
-        accumulated = steps.zero_accumulated(self._params)
+        accumulated = steps.zero_accumulated(self._params, self._spec.adapters)
         logps = []
         for micro in steps.micro_batches(batch, self._rollout.micro_batch_prompts):
             accumulated, logp = steps.grpo_gradients(self._spec, self._params, micro, accumulated)
             logps.append(logp)
         self._params, self._opt_state, metrics = steps.apply_gradients(self._spec, self._params, self._opt_state,
                                                                        accumulated)
-        if self._reference is None:
+        if self._grpo.beta == 0.0:
             metrics.pop("kl")
         return metrics, jnp.concatenate(logps)
 

@@ -109,3 +109,10 @@ def test_factors_shard_by_their_logical_axes():
     weight = shardings["layers"]["q_proj"].get_value()
     assert a.spec[:2] == weight.spec[:2] and a.spec[2] is None
     assert b.spec[1] is None and tuple(b.spec[2:]) == tuple(weight.spec[2:])
+
+
+def test_the_vision_language_model_gets_adapters_in_its_language_model_only():
+    model = tiny.init_model(tiny.hf_config("qwen2_5_vl", VOCAB, text_shape={**SHAPE, "num_attention_heads": 2}))
+    lora.apply(model, rank=2, alpha=4.0, target=r"language_model/layers/(q|o)_proj$")
+    prefix = "language_model/layers/lora/"
+    assert sorted(adapter_paths(model)) == [prefix + n for n in ("o_proj_a", "o_proj_b", "q_proj_a", "q_proj_b")]
