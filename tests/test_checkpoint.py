@@ -152,14 +152,18 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tmp_path):
                  "--config.eval.rule_baseline=false", "--config.checkpoint.every_steps=1",
                  "--config.data.datasets=('demo_manual',)", "--config.sft.batch_size=2", "--config.grpo.batch_size=2",
                  "--config.grpo.num_generations=2", "--config.rollout.max_new_tokens=8",
-                 "--config.eval.max_examples=2", "--config.eval.batch_size=2", "--config.eval.max_new_tokens=8"]
+                 "--config.eval.max_examples=2", "--config.eval.batch_size=2", "--config.eval.max_new_tokens=8",
+                 "--config.sft.optimizer.warmup_steps=0", "--config.optimizer.warmup_steps=0"]
     command = [sys.executable, "-m", "m2io_jax.train", f"--config={CONFIGS}/tiny.py", f"--workdir={workdir}",
                *overrides]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "first_run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     deadline = time.time() + 600
     while time.time() < deadline and not (os.path.isdir(ckpt_dir) and "4" in os.listdir(ckpt_dir)):
+        assert proc.poll() is None, log.read_text()[-2000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
