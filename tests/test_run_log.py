@@ -68,9 +68,9 @@ def test_tiny_training_writes_tensorboard_events(tmp_path, capsys):
     scalars, texts = read_events(os.path.join(workdir, "tensorboard"))
     for tag in ("sft/loss", "sft/grad_norm", "sft/skipped_nonfinite", "sft/tokens_per_second", "sft/time/update"):
         assert [step for step, _ in scalars[tag]] == [1, 2], tag
-    grpo_tags = ("reward/mean", "reward/std", "reward/format", "clip_fraction", "entropy", "completion_length",
-                 "truncated_fraction", "logprob_diff/sampler_vs_trainer", "tokens_per_second", "skipped_nonfinite",
-                 "time/rollout", "time/reward", "time/logprobs", "time/update", "time/data")
+    grpo_tags = ("reward/mean", "reward/std", "reward/format", "reward_std/format", "clip_fraction", "entropy",
+                 "completion_length", "truncated_fraction", "logprob_diff/sampler_vs_trainer", "tokens_per_second",
+                 "skipped_nonfinite", "time/rollout", "time/reward", "time/logprobs", "time/update", "time/data")
     for tag in grpo_tags:
         assert [step for step, _ in scalars[f"grpo/{tag}"]] == [1, 2], tag
     assert all(value >= 0 for _, value in scalars["grpo/entropy"])

@@ -227,8 +227,9 @@ class Trainer:
     def grpo_step(self, batch: PromptBatch, step: int) -> dict[str, float]:
         """One GRPO step (rollout, rewards, log-probs, num_iterations updates) on `batch`; returns its metrics.
 
-        Metrics: "reward/mean", "reward/std", "reward/<component>" (mean over the completions where it
-        applies; left out when it applies to none), "groups_all_tied", "count/<name>", "completion_length",
+        Metrics: "reward/mean", "reward/std", "reward/<component>" and "reward_std/<component>" (mean and standard
+        deviation over the completions where it applies; left out when it applies to none), "groups_all_tied",
+        "count/<name>", "completion_length",
         "truncated_fraction", "loss", "grad_norm", "clip_fraction", "kl" (beta > 0 only),
         "logprob_diff/sampler_vs_trainer" (mean absolute difference per token), "entropy" (token-mean entropy of
         the policy at the sampling temperature, estimated by the sampled tokens' negative log-probs under the
@@ -327,6 +328,7 @@ class Trainer:
                 raise ValueError(f"reward component {name!r} has shape {values.shape}; expected {total.shape}")
             if np.any(~np.isnan(values)):
                 out[f"reward/{name}"] = float(np.nanmean(values))
+                out[f"reward_std/{name}"] = float(np.nanstd(values))
         out.update({f"count/{name}": float(count) for name, count in rewards.counts.items()})
         return out
 
