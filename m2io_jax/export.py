@@ -7,7 +7,8 @@ Reads the run's `{workdir}/config.json` (written by `m2io_jax.train`) for the mo
 (`config.model.checkpoint`, or the tiny build in `{workdir}/init`) and the processor settings, restores the
 parameters of checkpoint `--step` (default: the latest) of `{workdir}/checkpoints`, and writes them with the
 tokenizer, image processor and chat template files to `--out`: transformers' `from_pretrained` and
-`m2io_jax.models.from_pretrained` both load it. Step numbers count the run's steps (SFT step s is s, GRPO
+`m2io_jax.models.from_pretrained` both load it. A GRPO checkpoint of a run with LoRA (`config.lora.rank` > 0)
+is written with its adapters merged into the weights. Step numbers count the run's steps (SFT step s is s, GRPO
 step g follows the SFT stage's last step); `--step` that is not kept lists the kept ones.
 """
 
@@ -25,6 +26,7 @@ from flax import nnx
 
 from m2io_jax import cli, models
 from m2io_jax.checkpoint import CHECKPOINT_DIR, RunCheckpoints, save_hf_model
+from m2io_jax.models import lora
 from m2io_jax.models.qwen2_5_vl_processor import Qwen2_5_VLProcessor
 
 # allow_override: m2io_jax.train defines the same --workdir; both commands may be imported into one process
@@ -51,6 +53,13 @@ def source_model(workdir: str, config: dict[str, Any]) -> str:
     return source
 
 
+def with_run_adapters(model: Any, config: dict[str, Any], stage: str) -> Any:
+    """`model` with the LoRA adapters the run's GRPO stage trained (`config.lora`), for a GRPO checkpoint."""
+    if stage != "grpo" or not config.get("lora", {}).get("rank", 0):
+        return model
+    return lora.apply_config(model, ml_collections.ConfigDict(config["lora"]))
+
+
 def export(workdir: str, out: str, step: int | None = None) -> int:
     """Writes the parameters of checkpoint `step` (None: the latest) of the run in `workdir` to `out`; returns
     the step written."""
@@ -65,8 +74,8 @@ def export(workdir: str, out: str, step: int | None = None) -> int:
         source = source_model(workdir, config)
         model = models.from_pretrained(source)
         processor = Qwen2_5_VLProcessor.from_pretrained(source, config=model.config, **config["model"]["processor"])
-        graphdef, params = nnx.split(model)
-        model = nnx.merge(graphdef, checkpoints.restore_params(step, params))
+        graphdef, params = nnx.split(with_run_adapters(model, config, checkpoints.saved(step).position.stage))
+        model = lora.merge(nnx.merge(graphdef, checkpoints.restore_params(step, params)))
     finally:
         checkpoints.close()
     save_hf_model(model, processor, source, out)

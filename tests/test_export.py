@@ -1,14 +1,20 @@
 """`python -m m2io_jax.export`: a run's checkpoint as a Hugging Face directory that transformers and our
 `from_pretrained` load with equal logits."""
 
+import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
-from m2io_jax import cli, export, models, train
+from m2io_jax import checkpoint, cli, export, models, train
+from m2io_jax.models import lora
 from m2io_jax.models.qwen2_5_vl_processor import Qwen2_5_VLProcessor
 from tests.models.qwen2_5_vl_helpers import conversation, hf_logits, images_for
 from tests.test_train import CONFIGS, ROOT, _shrink
@@ -63,3 +69,35 @@ def test_export_command_and_a_missing_step(workdir, tmp_path):
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1].startswith("export: error: ")
     assert "no checkpoint of step 7; it holds steps [1]" in missing.stderr
+
+
+def test_export_of_a_lora_checkpoint_merges_its_adapters(workdir, tmp_path):
+    """A GRPO checkpoint of a run with LoRA (its adapters' B set non-zero here) exports to weights whose plain
+    forward is the adapted forward."""
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    config["lora"]["rank"] = 2
+    config["model"]["checkpoint"] = os.path.join(workdir, "init")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config))
+    adapted = lora.apply_config(models.from_pretrained(config["model"]["checkpoint"]),
+                                ml_collections.ConfigDict(config["lora"]))
+    graphdef, params = nnx.split(adapted)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype)
+        if "_b']." in jax.tree_util.keystr(path) else x, params)
+    adapted = nnx.merge(graphdef, params)
+    checkpoints = checkpoint.RunCheckpoints(str(run), ml_collections.ConfigDict(config["checkpoint"]))
+    checkpoints.save(checkpoint.Position("grpo", 1, 0), {"params": params, "opt_state": {"count": jnp.zeros(())}},
+                     seed=0, data_state={}, config=config)
+    checkpoints.close()
+
+    out = str(tmp_path / "hf")
+    assert export.export(str(run), out) == 1
+    exported = models.from_pretrained(out)
+    processor = Qwen2_5_VLProcessor.from_pretrained(out, config=exported.config)
+    logits = _logits(exported, processor, 1)[1]
+    np.testing.assert_allclose(logits, _logits(adapted, processor, 1)[1], atol=1e-4, rtol=0)
+    plain = _logits(models.from_pretrained(config["model"]["checkpoint"]), processor, 1)[1]
+    assert np.max(np.abs(logits - plain)) > 1e-3  # the adapters changed the forward
