@@ -4,9 +4,9 @@ Where the backend reports device memory (`device.memory_stats()["bytes_limit"]`;
 is skipped and says so), `check` compiles the stage's update programs ahead of time (`.lower().compile()` on
 abstract arguments of the real sizes: the largest prompts of the stage and its completion length) and adds,
 per device:
-  resident state   parameters, optimizer state, gradient accumulator, and for GRPO the reference copy
-                   (beta != 0), the sampler's weight copy (compute dtype, sampling layout) and the KV cache of
-                   B * G rows (prompt plus completion slots);
+  resident state   parameters, optimizer state, gradient accumulator (LoRA: of the adapters only), and for
+                   GRPO the reference copy (beta != 0, none with LoRA), the sampler's weight copy (compute
+                   dtype, sampling layout) and the KV cache of B * G rows (prompt plus completion slots);
   temporaries      the largest of the compiled programs' `memory_analysis().temp_size_in_bytes`.
 `decide` compares the sum with the device's memory and, when it does not fit, names the knobs to turn.
 The rollout's own temporaries are not measured (`sampling.precompile` returns no executable); its KV cache is.
@@ -29,6 +29,7 @@ from flax import nnx
 
 from m2io_jax import sharding as shd
 from m2io_jax.buckets import bucket_size
+from m2io_jax.models import lora
 from m2io_jax.rl import steps
 from m2io_jax.rl.optimizer import cast_floating
 from m2io_jax.sampling.layout import row_multiple, sampling_rules
@@ -137,13 +138,21 @@ def _measure(model: nnx.Module, config: ml_collections.ConfigDict, *, stage: str
     if grpo_config.max_completion_length is None:
         grpo_config.max_completion_length = config.rollout.max_new_tokens
     rollout, optimizer = config.rollout, config.optimizer
+    adapters = lora.has_adapters(model)
     graphdef, state = nnx.split(model)
     train_shardings = None if mesh is None else shd.state_shardings(state, mesh)
-    params = _abstract(jax.eval_shape(functools.partial(cast_floating, dtype=optimizer.param_dtype), state),
-                       train_shardings)
+
+    def master(tree: nnx.State) -> nnx.State:  # the trainer's: trained part in param_dtype, a LoRA base in compute
+        trained, frozen = steps.split_trainable(adapters, tree)
+        return steps.join_trainable(cast_floating(trained, optimizer.param_dtype),
+                                    None if frozen is None else cast_floating(frozen, optimizer.compute_dtype))
+
+    params = _abstract(jax.eval_shape(master, state), train_shardings)
+    trainable = steps.split_trainable(adapters, params)[0]
     spec = steps.StepSpec.create(graphdef, params, temperature=rollout.temperature if stage == "grpo" else 1.0,
                                  suppress_tokens=suppress_tokens, grpo_config=grpo_config,
-                                 optimizer_config=optimizer, mesh=mesh, vision_parameters=model.vision_parameters)
+                                 optimizer_config=optimizer, mesh=mesh, vision_parameters=model.vision_parameters,
+                                 adapters=adapters)
     init = steps.init_optimizer.lower(spec, params)
     opt_state = _abstract(init.out_info, init.compile().output_shardings)
 
@@ -173,13 +182,14 @@ def _measure(model: nnx.Module, config: ml_collections.ConfigDict, *, stage: str
     g = grpo_config.num_generations
     compute = _abstract(jax.eval_shape(functools.partial(cast_floating, dtype=optimizer.compute_dtype), params),
                         train_shardings)
-    accumulated = steps.Accumulated(params, *[_scalar() for _ in range(5)])
-    resident["gradient accumulator"] = per_device_bytes(params)
-    if grpo_config.beta != 0.0:
+    accumulated = steps.Accumulated(trainable, *[_scalar() for _ in range(5)])
+    resident["gradient accumulator"] = per_device_bytes(trainable)
+    if grpo_config.beta != 0.0 and not adapters:  # with LoRA the reference is the base, adapters off: no copy
         resident["reference"] = per_device_bytes(compute)
-    if mesh is not None or jnp.dtype(optimizer.compute_dtype) != jnp.dtype(optimizer.param_dtype):
-        sampler_shardings = None if mesh is None else shd.state_shardings(state, mesh, sampling_rules())
-        resident["sampler weights"] = per_device_bytes(compute, sampler_shardings)
+    if mesh is not None:  # the sampler re-lays the compute-dtype weights out for decoding
+        resident["sampler weights"] = per_device_bytes(compute, shd.state_shardings(state, mesh, sampling_rules()))
+    elif jnp.dtype(optimizer.compute_dtype) != jnp.dtype(optimizer.param_dtype):  # the cast of the trained part
+        resident["sampler weights"] = per_device_bytes(steps.split_trainable(adapters, compute)[0])
     slot = per_device_bytes(jax.eval_shape(lambda: model.init_suffix_cache(1, 1, 1)))  # one token of one row
     resident["KV cache"] = slot * rows * (length + g * rollout.max_new_tokens) // (1 if mesh is None else mesh.size)
 

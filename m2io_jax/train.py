@@ -46,6 +46,7 @@ from typing import Any
 import jax
 import ml_collections
 from absl import flags
+from flax import nnx
 
 from m2io_jax import cli, fit, models, sharding, train_config
 from m2io_jax.buckets import bucket_size
@@ -145,8 +146,9 @@ def prompt_batch(batch: Sequence[pipeline.PromptExample], *, with_targets: bool)
 def check_fit(config: ml_collections.ConfigDict, model: Any, train_examples: Sequence[pipeline.PromptExample],
               sft_examples: Sequence[pipeline.PromptExample], suppress_tokens: Sequence[int],
               mesh: jax.sharding.Mesh | None) -> None:
-    """`fit.check` before step 0 for each stage that runs, on its longest prompts; prints each report (skipped
-    where the backend reports no memory) and stops with its message when a stage does not fit."""
+    """`fit.check` before step 0 for each stage that runs, on its longest prompts and the model as its trainer
+    gets it (GRPO: with `config.lora`'s adapters, abstract here: no memory); prints each report (skipped where
+    the backend reports no memory) and stops with its message when a stage does not fit."""
     stages = []
     if config.sft.num_steps > 0 and sft_examples:
         sft_config = ml_collections.ConfigDict({"grpo": config.grpo, "optimizer": config.sft.optimizer,
@@ -154,12 +156,14 @@ def check_fit(config: ml_collections.ConfigDict, model: Any, train_examples: Seq
         r = config.rollout
         target = bucket_size(max(len(e.target_ids) for e in sft_examples), tuple(r.completion_lengths),
                              r.min_completion_length, "target length")
-        stages.append(("sft", sft_config, sft_examples, config.sft.batch_size, target))
+        stages.append(("sft", model, sft_config, sft_examples, config.sft.batch_size, target))
     if config.grpo.num_steps > 0:
-        stages.append(("grpo", config, train_examples, config.grpo.batch_size, config.rollout.max_new_tokens))
-    for stage, stage_config, stage_examples, batch_size, completion_length in stages:
+        adapted = nnx.eval_shape(lambda: lora.apply_config(nnx.clone(model), config.lora))
+        stages.append(("grpo", adapted, config, train_examples, config.grpo.batch_size,
+                       config.rollout.max_new_tokens))
+    for stage, stage_model, stage_config, stage_examples, batch_size, completion_length in stages:
         batch = [stage_examples[i] for i in fit.longest([e.prompt_ids for e in stage_examples], batch_size)]
-        report = fit.check(model, stage_config, stage=stage, prompts=[list(e.prompt_ids) for e in batch],
+        report = fit.check(stage_model, stage_config, stage=stage, prompts=[list(e.prompt_ids) for e in batch],
                            images=[e.images for e in batch], completion_length=completion_length,
                            suppress_tokens=suppress_tokens, mesh=mesh)
         print(report.message, flush=True)

@@ -7,6 +7,8 @@ import pytest
 from flax import nnx
 
 from m2io_jax import fit, sharding
+from m2io_jax.models import lora
+from m2io_jax.rl import config as rl_config
 from tests.rl import trainer_helpers as helpers
 
 KNOB_WORDS = ("batch", "num_generations", "remat", "LoRA", "mesh")
@@ -78,3 +80,17 @@ def test_measure_on_a_mesh_counts_the_shards_one_device_holds():
                                         images=None, completion_length=8, mesh=mesh)
     assert resident["parameters"] < total / 2  # sharded over fsdp
     assert set(temporaries) == {"sft_update"} and temporaries["sft_update"] > 0
+
+
+def test_measure_with_lora_counts_adapter_gradients_and_no_reference_copy():
+    model = helpers.tiny_text_model()
+    lora_config = rl_config.get_lora_config()
+    lora_config.rank = 2
+    adapted = nnx.eval_shape(lambda: lora.apply_config(nnx.clone(model), lora_config))  # abstract: no memory
+    config = helpers.trainer_config(num_generations=2, beta=0.04)
+    resident, temporaries = fit.measure(adapted, config, stage="grpo", prompts=helpers.PROMPTS, images=None,
+                                        completion_length=8)
+    base = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    assert "reference" not in resident and not lora.has_adapters(model)
+    assert 0 < resident["gradient accumulator"] < base / 4 and resident["optimizer"] < base / 2
+    assert resident["parameters"] > base and temporaries["grpo_gradients"] > 0
