@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,7 @@ import ml_collections
 import optax
 from flax import nnx, struct
 from jax import monitoring
+from jax.sharding import NamedSharding, PartitionSpec
 
 from m2io_jax.models import lora
 from m2io_jax.models.protocol import PreparedInputs
@@ -355,7 +357,32 @@ def rl_sft_update(spec: StepSpec, params: nnx.State, opt_state: Any, batch: SftB
     return _apply_if_finite(spec, params, opt_state, grads, metrics)
 
 
-init_optimizer = jax.jit(rl_init_optimizer, static_argnums=0)
+def optimizer_state_shardings(spec: StepSpec, params: nnx.State) -> Any:
+    """Shardings of the optimizer state of `params` (sharded on a mesh): each moment shaped like a trainable
+    parameter (its key path ends with the parameter's) takes that parameter's sharding, the rest (step counts)
+    is replicated, so that the state never starts as a full copy on every device."""
+    trainable = split_trainable(spec.adapters, params)[0]
+    shardings = [(parameter_path(path), x.shape, x.sharding)
+                 for path, x in jax.tree_util.tree_leaves_with_path(trainable)]
+    replicated = NamedSharding(shardings[0][2].mesh, PartitionSpec())
+
+    def pick(path: Any, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
+        name = parameter_path(path)
+        for param_path, shape, sharding in shardings:
+            if shape == leaf.shape and (name == param_path or name.endswith("/" + param_path)):
+                return sharding
+        return replicated
+
+    abstract = jax.eval_shape(functools.partial(rl_init_optimizer, spec), params)
+    return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def init_optimizer(spec: StepSpec, params: nnx.State) -> Any:
+    """The optimizer state of `params`, created in place with the parameters' shardings when on a mesh."""
+    out_shardings = None if spec.param_shardings is None else optimizer_state_shardings(spec, params)
+    return jax.jit(rl_init_optimizer, static_argnums=0, out_shardings=out_shardings)(spec, params)
+
+
 encode_vision = jax.jit(rl_encode_vision, static_argnums=0)
 logprobs = jax.jit(rl_logprobs, static_argnums=0)
 reference_logprobs = jax.jit(rl_reference_logprobs, static_argnums=0)
