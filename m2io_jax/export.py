@@ -25,9 +25,9 @@ from etils import epath
 from flax import nnx
 
 from m2io_jax import cli, models
-from m2io_jax.checkpoint import CHECKPOINT_DIR, RunCheckpoints, save_hf_model
 from m2io_jax.models import lora
 from m2io_jax.models.qwen2_5_vl_processor import Qwen2_5_VLProcessor
+from m2io_jax.rl.checkpoint import CHECKPOINT_DIR, RunCheckpoints, save_hf_model
 
 # allow_override: m2io_jax.train defines the same --workdir; both commands may be imported into one process
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory (m2io_jax.train --workdir; required)",

@@ -22,7 +22,7 @@ Writes in the workdir:
                   chosen on validation), "init" (before training), "sft" and "grpo"
   sft/, final/    the model after SFT and at the end, as Hugging Face directories with the tokenizer and the
                   preprocessor config (`m2io_jax.models.from_pretrained` loads them)
-  checkpoints/    Orbax checkpoints (`m2io_jax.checkpoint`): every config.checkpoint.every_steps steps, at each
+  checkpoints/    Orbax checkpoints (`m2io_jax.rl.checkpoint`): every config.checkpoint.every_steps steps, at each
                   stage's end and on SIGTERM / preemption (then the run exits with status 75). A run whose
                   workdir holds checkpoints resumes from the latest (stage, step, data position), after checking
                   that the config differs only in fields a user may change (`checkpoint.RESUMABLE_FIELDS`);
@@ -50,12 +50,12 @@ from flax import nnx
 
 from m2io_jax import cli, fit, models, sharding, train_config
 from m2io_jax.buckets import bucket_size
-from m2io_jax.checkpoint import (PREEMPTED_EXIT, Position, Preempted, RunCheckpoints, SigtermFlag, check_config,
-                                 save_hf_model)
 from m2io_jax.inserter import evaluation, pipeline, sources
 from m2io_jax.inserter.task import RewardAdapter
 from m2io_jax.models import lora, sentence_encoder, tiny
 from m2io_jax.models.qwen2_5_vl_processor import IMAGE_PAD, Qwen2_5_VLProcessor
+from m2io_jax.rl.checkpoint import (PREEMPTED_EXIT, Position, Preempted, RunCheckpoints, SigtermFlag,
+                                    check_config, save_hf_model)
 from m2io_jax.rl.trainer import PromptBatch, RewardResult, Trainer
 from m2io_jax.run_log import RunLog, check_writable
 

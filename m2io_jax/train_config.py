@@ -21,7 +21,7 @@ Sections:
              before_training (also evaluate the initial model, as stage "init"), rule_baseline (score the
              caption-similarity baseline, its threshold chosen on the validation split, as stage "rule").
   mesh       axis sizes of the (data, fsdp, tensor) mesh (`m2io_jax.sharding.make_mesh`); empty: one device.
-  checkpoint Orbax checkpoints in `{workdir}/checkpoints` (`m2io_jax.checkpoint`): every_steps (run steps
+  checkpoint Orbax checkpoints in `{workdir}/checkpoints` (`m2io_jax.rl.checkpoint`): every_steps (run steps
              between saves; each stage's end and a preemption also save), keep (the newest N kept),
              asynchronous (write in the background while training goes on).
   lora       `m2io_jax.rl.config.get_lora_config` (rank 0 = off): adapters added for the GRPO stage only (the

@@ -1,4 +1,4 @@
-"""Run checkpoints (`m2io_jax.checkpoint`): trainer state round trips, another mesh, config and shape checks,
+"""Run checkpoints (`m2io_jax.rl.checkpoint`): trainer state round trips, another mesh, config and shape checks,
 and resume of `m2io_jax.train` (exact, after SIGTERM, after SIGKILL)."""
 
 import json
@@ -14,7 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from m2io_jax import checkpoint, cli, sharding, train
+from m2io_jax import cli, sharding, train
+from m2io_jax.rl import checkpoint
 from m2io_jax.rl.trainer import PromptBatch, Trainer
 from tests.rl.trainer_helpers import PROMPTS, STOP, fraction_reward, tiny_text_model, trainer_config
 from tests.test_train import CONFIGS, ROOT, _records, _shrink
