@@ -33,6 +33,7 @@ FLOORS: dict[str, int] = {
     "inserter": 4, "rl": 4,
     "train": 5, "answer": 5, "evaluate": 5, "export": 5, "bench": 5,
     "train_config": 5,  # train's default config: wires the data, inserter and rl sections together
+    "run_log": 5, "fit": 5,  # train's metrics fan-out (TensorBoard) and its memory check before step 0
 }
 NEVER_EACH_OTHER = ("inserter", "rl")
 RL_FORBIDDEN = frozenset({"data", "retrieval", "eval", "inserter"})
