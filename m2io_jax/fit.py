@@ -153,7 +153,7 @@ def _measure(model: nnx.Module, config: ml_collections.ConfigDict, *, stage: str
                                  suppress_tokens=suppress_tokens, grpo_config=grpo_config,
                                  optimizer_config=optimizer, mesh=mesh, vision_parameters=model.vision_parameters,
                                  adapters=adapters)
-    init = steps.init_optimizer.lower(spec, params)
+    init = steps.init_optimizer_program(spec, params).lower(spec, params)
     opt_state = _abstract(init.out_info, init.compile().output_shardings)
 
     rows = bucket_size(len(prompts), tuple(rollout.batch_sizes), 1, "prompts per batch")

@@ -54,8 +54,15 @@ from m2io_jax.inserter import evaluation, pipeline, sources
 from m2io_jax.inserter.task import RewardAdapter
 from m2io_jax.models import lora, sentence_encoder, tiny
 from m2io_jax.models.qwen2_5_vl_processor import IMAGE_PAD, Qwen2_5_VLProcessor
-from m2io_jax.rl.checkpoint import (PREEMPTED_EXIT, Position, Preempted, RunCheckpoints, SigtermFlag,
-                                    check_config, save_hf_model)
+from m2io_jax.rl.checkpoint import (
+    PREEMPTED_EXIT,
+    Position,
+    Preempted,
+    RunCheckpoints,
+    SigtermFlag,
+    check_config,
+    save_hf_model,
+)
 from m2io_jax.rl.trainer import PromptBatch, RewardResult, Trainer
 from m2io_jax.run_log import RunLog, check_writable
 

@@ -15,8 +15,8 @@ from flax import nnx
 
 from m2io_jax import cli, export, models, train
 from m2io_jax.models import lora
-from m2io_jax.rl import checkpoint
 from m2io_jax.models.qwen2_5_vl_processor import Qwen2_5_VLProcessor
+from m2io_jax.rl import checkpoint
 from tests.models.qwen2_5_vl_helpers import conversation, hf_logits, images_for
 from tests.test_train import CONFIGS, ROOT, _shrink
 

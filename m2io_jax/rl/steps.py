@@ -377,10 +377,16 @@ def optimizer_state_shardings(spec: StepSpec, params: nnx.State) -> Any:
     return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
-def init_optimizer(spec: StepSpec, params: nnx.State) -> Any:
-    """The optimizer state of `params`, created in place with the parameters' shardings when on a mesh."""
+def init_optimizer_program(spec: StepSpec, params: nnx.State) -> Any:
+    """The jitted optimizer-state initialiser of `params` (concrete or abstract with shardings): on a mesh its
+    outputs have `optimizer_state_shardings`, so the state is created in place, never replicated first."""
     out_shardings = None if spec.param_shardings is None else optimizer_state_shardings(spec, params)
-    return jax.jit(rl_init_optimizer, static_argnums=0, out_shardings=out_shardings)(spec, params)
+    return jax.jit(rl_init_optimizer, static_argnums=0, out_shardings=out_shardings)
+
+
+def init_optimizer(spec: StepSpec, params: nnx.State) -> Any:
+    """The optimizer state of `params` (`init_optimizer_program`)."""
+    return init_optimizer_program(spec, params)(spec, params)
 
 
 encode_vision = jax.jit(rl_encode_vision, static_argnums=0)
