@@ -29,10 +29,12 @@ from m2io_jax.models import lora
 from m2io_jax.models.qwen2_5_vl_processor import Qwen2_5_VLProcessor
 from m2io_jax.rl.checkpoint import CHECKPOINT_DIR, RunCheckpoints, save_hf_model
 
-# allow_override: m2io_jax.train defines the same --workdir; both commands may be imported into one process
+# allow_override: m2io_jax.train defines the same --workdir and m2io_jax.data.demo.generate an --out; the
+# commands may be imported into one process (only the running command's flags are parsed)
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory (m2io_jax.train --workdir; required)",
                                allow_override=True)
-_OUT = flags.DEFINE_string("out", None, "directory to write the Hugging Face checkpoint to (required)")
+_OUT = flags.DEFINE_string("out", None, "directory to write the Hugging Face checkpoint to (required)",
+                           allow_override=True)
 _STEP = flags.DEFINE_integer("step", None, "the checkpoint's run step (default: the latest)")
 
 

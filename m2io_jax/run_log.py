@@ -10,15 +10,37 @@ every call does nothing, so callers need no branches.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 from etils import epath
-from tensorboardX import SummaryWriter
 
 from m2io_jax import cli
+
+
+@contextlib.contextmanager
+def _torch_hidden() -> Iterator[None]:
+    """Makes `import torch` fail inside the block when torch is installed but not imported yet.
+
+    tensorboardX imports torch whenever it can (for graphs and tensors, which we never log); the runtime must
+    not import torch, so tensorboardX is imported with torch hidden and falls back to numpy.
+    """
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    try:
+        yield
+    finally:
+        del sys.modules["torch"]
+
+
+with _torch_hidden():
+    from tensorboardX import SummaryWriter
 
 TENSORBOARD_DIR = "tensorboard"
 _PROBE = ".m2io_write_probe"

@@ -74,3 +74,16 @@ def left_padded_batch(vocab_size: int, lengths, seed: int = 0):
         mask[row, t - n:] = 1
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     return ids, mask, positions
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops jax's in-memory compilation caches after each test module.
+
+    One process compiles over a thousand programs in this suite; XLA:CPU keeps each executable's machine code
+    in its own memory mappings, and the process runs out of them (LLVM "Unable to allocate section memory",
+    vm.max_map_count) unless executables nobody uses any more are released. Later modules reload what they need
+    from the persistent cache on disk.
+    """
+    yield
+    jax.clear_caches()
