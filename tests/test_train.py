@@ -93,7 +93,7 @@ def test_inserter_3b_config_runs_from_tfds_builds(tmp_path):
     results = train.train(config, workdir)
 
     assert [(r["stage"], r["step"]) for r in _records(workdir)] == [("sft", 1), ("grpo", 1)]
-    assert list(results) == ["sft", "grpo"]
+    assert list(results) == ["rule", "sft", "grpo"]  # the rule baseline needs no training
     assert not os.path.exists(os.path.join(workdir, "init"))  # the configured checkpoint, not a tiny build
     assert sorted(os.listdir(os.path.join(workdir, "images", DATASET)))  # TFDS images written as files
 
