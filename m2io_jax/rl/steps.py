@@ -19,7 +19,6 @@ gradient reaches the tower: one more tower forward and backward per update (per 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import re
@@ -31,32 +30,22 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx, struct
-from jax import monitoring
 from jax.sharding import NamedSharding, PartitionSpec
 
 from m2io_jax.models import lora
 from m2io_jax.models.protocol import PreparedInputs
 from m2io_jax.rl import grpo
 from m2io_jax.rl.optimizer import FROZEN, build_optimizer, cast_floating, parameter_labels, parameter_path
+from m2io_jax.sampling.compiles import CompileCounter
 
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 PROGRAMS = ("rl_init_optimizer", "rl_encode_vision", "rl_logprobs", "rl_reference_logprobs", "rl_grpo_gradients",
             "rl_apply_gradients", "rl_sft_update")
-_COMPILES: collections.Counter[str] = collections.Counter()
-
-
-def _on_event(event: str, duration_secs: float, **metadata: str | int) -> None:
-    name = str(metadata.get("fun_name", ""))
-    if event == BACKEND_COMPILE_EVENT and name.startswith("jit(") and name[4:-1] in PROGRAMS:
-        _COMPILES[name[4:-1]] += 1
-
-
-monitoring.register_event_duration_secs_listener(_on_event)
+_COMPILES = CompileCounter({name: name for name in PROGRAMS})
 
 
 def compile_count() -> int:
     """Number of trainer programs compiled in this process so far (all trainers together)."""
-    return sum(_COMPILES.values())
+    return sum(_COMPILES.counts.values())
 
 
 @struct.dataclass
