@@ -26,14 +26,17 @@ PACKAGE = "m2io_jax"
 
 # Lowest first. Entry points are the `python -m m2io_jax.<name>` commands and the benchmarks.
 FLOORS: dict[str, int] = {
-    "buckets": 0, "sharding": 0, "cli": 0,
+    "buckets": 0, "sharding": 0, "cli": 0, "chips": 0,  # chips: TPU generations' peak FLOP/s, HBM, bandwidth
     "data": 1,
     "models": 2,
-    "retrieval": 3, "sampling": 3, "eval": 3,
+    "retrieval": 3, "sampling": 3, "eval": 3, "flops": 3,  # flops: analytic FLOPs of the models' programs
     "inserter": 4, "rl": 4,
     "train": 5, "answer": 5, "evaluate": 5, "export": 5, "bench": 5,
     "train_config": 5,  # train's default config: wires the data, inserter and rl sections together
     "run_log": 5, "fit": 5,  # train's metrics fan-out (TensorBoard) and its memory check before step 0
+    "profiling": 5,  # train's jax.profiler trace and per-step MFU / roofline figures
+    "generator": 5, "train_generator": 5, "systems": 5,  # the answer generator and the end-to-end systems
+    "experiments": 5,
 }
 NEVER_EACH_OTHER = ("inserter", "rl")
 RL_FORBIDDEN = frozenset({"data", "retrieval", "eval", "inserter"})
