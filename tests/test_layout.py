@@ -35,7 +35,7 @@ FLOORS: dict[str, int] = {
     "train_config": 5,  # train's default config: wires the data, inserter and rl sections together
     "run_log": 5, "fit": 5,  # train's metrics fan-out (TensorBoard) and its memory check before step 0
     "profiling": 5,  # train's jax.profiler trace and per-step MFU / roofline figures
-    "generator": 5, "train_generator": 5, "systems": 5, "render": 5,  # answer generator, end-to-end systems, output pages
+    "generator": 5, "train_generator": 5, "systems": 5, "render": 5,  # answer generator, systems, answer pages
     "experiments": 5,
 }
 NEVER_EACH_OTHER = ("inserter", "rl")
