@@ -1,9 +1,13 @@
-"""Where a training run's records go besides metrics.jsonl: TensorBoard event files, and the workdir check.
+"""Where a training run's records go: JSON files, metrics.jsonl, TensorBoard events, progress lines, the
+workdir check.
 
-`RunLog` writes `{workdir}/tensorboard` with tensorboardX (`flax.metrics.tensorboard` would import
-TensorFlow): scalars under the stage as a prefix ("sft/loss", "grpo/reward/mean", "eval/reward"), and text
-(a few sampled completions). Only process 0 writes (`jax.process_index() == 0`); on the other processes
-every call does nothing, so callers need no branches.
+Every path goes through `etils.epath`, so the workdir may be a `gs://` path (with the `tpu` extra's gcsfs and
+google-cloud-storage); only process 0 writes and prints. `write_json` writes one JSON file; `JsonLines` is
+metrics.jsonl (appended in place on a local disk, rewritten whole on an object store, which cannot append);
+`say` prints a progress line. `RunLog` writes `{workdir}/tensorboard` with tensorboardX
+(`flax.metrics.tensorboard` would import TensorFlow): scalars under the stage as a prefix ("sft/loss",
+"grpo/reward/mean", "eval/reward"), and text (a few sampled completions). On the other processes every call
+does nothing, so callers need no branches.
 
 `check_writable` fails fast, before data preparation or step 0, when the workdir cannot be written.
 """
@@ -11,10 +15,12 @@ every call does nothing, so callers need no branches.
 from __future__ import annotations
 
 import contextlib
+import json
 import numbers
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 from etils import epath
@@ -46,12 +52,71 @@ TENSORBOARD_DIR = "tensorboard"
 _PROBE = ".m2io_write_probe"
 
 
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (process 0 of a multi-process run)."""
+    return jax.process_index() == 0
+
+
+def say(message: object) -> None:
+    """Prints a progress line from process 0 only (the others run the same steps in lockstep)."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+def is_local(path: str) -> bool:
+    """Whether `path` is on this machine's filesystem (not an object store such as gs://)."""
+    return "://" not in str(path)
+
+
+def write_json(path: str, value: Any) -> None:
+    """`value` as indented JSON at `path` (local or gs://), from process 0 only."""
+    if is_main_process():
+        epath.Path(path).write_text(json.dumps(value, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+def read_json(path: str) -> Any:
+    """The JSON value at `path` (local or gs://), or None when there is no such file."""
+    path = epath.Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class JsonLines:
+    """A JSON-lines file of records (metrics.jsonl), written by process 0 only.
+
+    Opening keeps the records for which `keep(record)` holds (a resumed run keeps the steps before its
+    checkpoint and redoes the later ones); `keep=None` starts empty. Records are appended in place on a local
+    disk and the file rewritten whole on an object store.
+    """
+
+    def __init__(self, path: str, keep: Callable[[dict[str, Any]], bool] | None = None):
+        self.path = epath.Path(path)
+        self.enabled = is_main_process()
+        self._lines: list[str] = []
+        if not self.enabled:
+            return
+        if keep is not None and self.path.exists():
+            self._lines = [line if line.endswith("\n") else line + "\n"
+                           for line in self.path.read_text().splitlines() if line and keep(json.loads(line))]
+        self.path.write_text("".join(self._lines))
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(dict(record), allow_nan=True) + "\n"
+        self._lines.append(line)
+        if is_local(str(self.path)):
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        else:
+            self.path.write_text("".join(self._lines))
+
+
 def check_writable(workdir: str) -> None:
     """Creates `workdir` if missing and writes (then removes) a probe file in it; a failure is one clear line."""
     try:
         path = epath.Path(workdir)
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / _PROBE
+        probe = path / f"{_PROBE}.{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:

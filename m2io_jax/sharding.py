@@ -18,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -197,3 +200,61 @@ def per_device_bytes(tree: Any) -> dict[Any, int]:
             for shard in leaf.addressable_shards:
                 totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
     return totals
+
+
+def to_host(tree: Any) -> Any:
+    """`tree`'s arrays as whole numpy arrays on this host, also when they span other processes' devices.
+
+    An array whose shards all live on this process's devices is copied out (`jax.device_get`); one sharded
+    across processes is gathered from all of them (`multihost_utils.process_allgather`), a collective that
+    every process must reach with the same tree, as the trainer's and sampler's lockstep code paths do.
+    """
+    def one(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+def get_distributed_config() -> ml_collections.ConfigDict:
+    """`config.distributed`: whether and how this process joins a multi-process run (`initialize_distributed`).
+
+      initialize           "auto": when on a multi-host Cloud TPU slice (TPU_WORKER_HOSTNAMES lists several
+                           hosts) or when coordinator_address is set; "on": always (jax finds the cluster: TPU,
+                           SLURM, ...); "off": never (one process).
+      coordinator_address  "host:port" of process 0 ("": jax finds it)
+      num_processes        0: jax finds it
+      process_id           -1: jax finds it
+    """
+    c = ml_collections.ConfigDict()
+    c.initialize = "auto"
+    c.coordinator_address = ""
+    c.num_processes = 0
+    c.process_id = -1
+    return c
+
+
+def initialize_distributed(settings: ml_collections.ConfigDict) -> bool:
+    """Calls `jax.distributed.initialize` as `settings` (`get_distributed_config`) say; returns whether it did.
+
+    Must run before the first JAX computation. After it, `jax.devices()` lists every process's devices, the
+    mesh spans them, and the code runs in lockstep on every process: each builds the same host-side batches,
+    jit shards their device arrays over all devices, and `to_host` gathers results back.
+    """
+    if settings.initialize not in DISTRIBUTED_MODES:
+        raise ValueError(f"config.distributed.initialize={settings.initialize!r}: expected one of {DISTRIBUTED_MODES}")
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    wanted = settings.initialize == "on" or (settings.initialize == "auto" and (
+        len(hosts) > 1 or bool(settings.coordinator_address)))
+    if not wanted or jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize(coordinator_address=settings.coordinator_address or None,
+                               num_processes=settings.num_processes or None,
+                               process_id=None if settings.process_id < 0 else settings.process_id)
+    return True

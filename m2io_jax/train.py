@@ -33,12 +33,14 @@ and prints one progress line per logged step with the time per step and the ETA 
 from __future__ import annotations
 
 import collections
+import hashlib
 import importlib.metadata
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -46,7 +48,9 @@ from typing import Any
 import jax
 import ml_collections
 from absl import flags
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from m2io_jax import cli, fit, models, sharding, train_config
 from m2io_jax.buckets import bucket_size
@@ -64,7 +68,16 @@ from m2io_jax.rl.checkpoint import (
     save_hf_model,
 )
 from m2io_jax.rl.trainer import PromptBatch, RewardResult, Trainer
-from m2io_jax.run_log import RunLog, check_writable
+from m2io_jax.run_log import (
+    JsonLines,
+    RunLog,
+    check_writable,
+    is_local,
+    is_main_process,
+    read_json,
+    say,
+    write_json,
+)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for the run's outputs (created if missing; required)")
 _CONFIG = cli.define_config(train_config, "training settings (default: m2io_jax/train_config.py)")
@@ -104,10 +117,28 @@ def run_record(argv: Sequence[str]) -> dict[str, Any]:
             "devices": [str(d) for d in jax.devices()], "argv": list(argv)}
 
 
-def write_json(path: str, value: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True, allow_nan=True)
-        f.write("\n")
+def local_dir(workdir: str, name: str) -> str:
+    """`{workdir}/{name}` when the workdir is on this machine; else a directory of this process's own under
+    ~/.cache/m2io_jax (files that readers open by local path: the tiny model, TFDS images)."""
+    if is_local(workdir):
+        return os.path.join(workdir, name)
+    key = hashlib.sha256(workdir.encode()).hexdigest()[:16]
+    return os.path.expanduser(os.path.join("~/.cache/m2io_jax/workdirs", key, str(jax.process_index()), name))
+
+
+def save_model_dir(model: Any, processor: Qwen2_5_VLProcessor, source: str, workdir: str, name: str) -> None:
+    """`model` as the Hugging Face directory `{workdir}/{name}` (all processes gather; process 0 writes; on a
+    remote workdir it is written locally first and copied up)."""
+    if is_local(workdir):
+        save_hf_model(model, processor, source, os.path.join(workdir, name))
+        return
+    with tempfile.TemporaryDirectory() as staging:
+        save_hf_model(model, processor, source, staging)
+        if is_main_process():
+            target = epath.Path(workdir) / name
+            target.mkdir(parents=True, exist_ok=True)
+            for file in epath.Path(staging).iterdir():
+                file.copy(target / file.name, overwrite=True)
 
 
 def model_checkpoint(config: ml_collections.ConfigDict, datasets: Sequence[sources.SplitDataset], workdir: str) -> str:
@@ -117,13 +148,16 @@ def model_checkpoint(config: ml_collections.ConfigDict, datasets: Sequence[sourc
             raise cli.UserError(f"config.model.checkpoint={config.model.checkpoint}: no config.json there (expected "
                                 f"a local Hugging Face Qwen2.5-VL directory)")
         return config.model.checkpoint
-    path = os.path.join(workdir, "init")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    path = local_dir(workdir, "init")
+    shared = is_local(workdir)  # one directory for all processes: process 0 builds it, the others wait
+    if not os.path.isfile(os.path.join(path, "config.json")) and (is_main_process() or not shared):
         spec = config.model.tiny
         texts = pipeline.tokenizer_texts(datasets, config.inserter, max_images=config.data.candidates.max_images)
         tiny.build_tiny_checkpoint(path, texts, kind="qwen2_5_vl", vocab_size=spec.vocab_size,
                                    text_shape=spec.text_shape.to_dict(), vision_shape=spec.vision_shape.to_dict(),
                                    seed=spec.seed, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("m2io_jax.train: tiny model built")
     return path
 
 
@@ -173,7 +207,7 @@ def check_fit(config: ml_collections.ConfigDict, model: Any, train_examples: Seq
         report = fit.check(stage_model, stage_config, stage=stage, prompts=[list(e.prompt_ids) for e in batch],
                            images=[e.images for e in batch], completion_length=completion_length,
                            suppress_tokens=suppress_tokens, mesh=mesh)
-        print(report.message, flush=True)
+        say(report.message)
         if report.fits is False:
             raise cli.UserError(report.message)
 
@@ -192,7 +226,8 @@ class Progress:
     def __init__(self, workdir: str, stage_steps: dict[str, int], *, log_every: int, print_every: int,
                  run_log: RunLog, max_nonfinite_in_a_row: int, samples_every: int = 0,
                  samples: Callable[[], list[str]] | None = None, resumed: Position | None = None):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        keep = None if resumed is None else (lambda record: resumed.reached(record["stage"], record["step"]))
+        self.records = JsonLines(os.path.join(workdir, "metrics.jsonl"), keep=keep)
         self.run_log = run_log
         self.max_nonfinite_in_a_row = max(1, max_nonfinite_in_a_row)
         self.nonfinite_in_a_row = 0
@@ -202,7 +237,6 @@ class Progress:
         self.log_every = max(1, log_every)
         self.print_every = max(1, print_every)
         self.durations: dict[str, list[float]] = collections.defaultdict(list)
-        keep_records_until(self.path, resumed)
 
     def eta_seconds(self, stage: str) -> float:
         recent = self.durations[stage][-self._RECENT:]
@@ -215,33 +249,21 @@ class Progress:
         self.durations[stage].append(seconds)
         last = step == self.stage_steps[stage]
         if step % self.log_every == 0 or last:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "stage": stage, **metrics}, allow_nan=True) + "\n")
+            self.records.append({"step": step, "stage": stage, **metrics})
             self.run_log.scalars(stage, step, metrics)
         if stage == "grpo" and self.samples is not None and self.samples_every and step % self.samples_every == 0:
             self.run_log.texts("grpo/samples", step, self.samples())
         if step % self.print_every == 0 or last:
             key = "loss" if stage == "sft" else "reward/mean"
             eta = self.eta_seconds(stage)
-            print(f"[{stage} {step}/{self.stage_steps[stage]}] {key}={metrics.get(key, math.nan):.4f} "
-                  f"{seconds:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
+            say(f"[{stage} {step}/{self.stage_steps[stage]}] {key}={metrics.get(key, math.nan):.4f} "
+                  f"{seconds:.2f} s/step, ETA {int(eta // 60)}:{int(eta % 60):02d}")
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if metrics.get("skipped_nonfinite") else 0
         if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
             raise cli.UserError(
                 f"{stage} step {step}: the loss or gradient was NaN or infinite in {self.nonfinite_in_a_row} steps "
                 f"in a row (config.max_nonfinite_in_a_row={self.max_nonfinite_in_a_row}); their updates were "
                 f"skipped. Check the rewards (metrics.jsonl), lower the learning rate or compute in float32")
-
-
-def keep_records_until(path: str, position: Position | None) -> None:
-    """Leaves in metrics.jsonl the records of the steps up to `position` (a resumed run redoes the later ones);
-    None empties it."""
-    kept = []
-    if position is not None and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if position.reached(**{k: json.loads(line)[k] for k in ("stage", "step")})]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
 
 
 def run_stage(stage: str, trainer: Trainer, batches: Iterator[list[pipeline.PromptExample]], num_steps: int,
@@ -262,6 +284,7 @@ def run_stage(stage: str, trainer: Trainer, batches: Iterator[list[pipeline.Prom
 
 def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] = ()) -> dict[str, dict[str, float]]:
     """Runs the training described in the module docstring; returns eval.json's content."""
+    sharding.initialize_distributed(config.distributed)
     check_writable(workdir)
     enable_compilation_cache(config.compilation_cache_dir)
     config_json = json.loads(config.to_json_best_effort())
@@ -269,12 +292,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
     resumed = checkpoints.saved()
     if resumed is not None:
         check_config(resumed.config, config_json, str(checkpoints.directory))
-        print(f"resuming from {checkpoints.directory}: {resumed.position.stage} step {resumed.position.step}",
-              flush=True)
+        say(f"resuming from {checkpoints.directory}: {resumed.position.stage} step {resumed.position.step}")
     write_json(os.path.join(workdir, "config.json"), config_json)
     write_json(os.path.join(workdir, "run.json"), run_record(argv))
 
-    datasets = sources.load_datasets(config.data, image_dir=os.path.join(workdir, "images"))
+    datasets = sources.load_datasets(config.data, image_dir=local_dir(workdir, "images"))
     checkpoint = model_checkpoint(config, datasets, workdir)
     mesh = sharding.make_mesh(config.mesh.to_dict()) if config.mesh else None
     model = models.from_pretrained(checkpoint, mesh=mesh)
@@ -286,9 +308,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
         totals = collections.Counter()
         for dataset_counts in counts[split].values():
             totals.update(dataset_counts)
-        print(f"{split}: {totals['examples']} examples of {totals['questions']} questions; over the prompt budget: "
+        say(f"{split}: {totals['examples']} examples of {totals['questions']} questions; over the prompt budget: "
               f"{totals['truncated']} truncated ({totals['dropped_candidates']} candidates dropped), "
-              f"{totals['over_budget']} left out (data.json)", flush=True)
+              f"{totals['over_budget']} left out (data.json)")
     sft_examples = [e for e in examples["train"] if e.target_ids is not None]
     validation = examples["validation"][:config.eval.max_examples or None]
     if not validation:
@@ -317,9 +339,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
         return [tokenizer.decode(list(c)) for c in last_completions[:config.num_samples_logged]]
 
     results: dict[str, dict[str, float]] = {}
-    if resumed is not None and os.path.isfile(os.path.join(workdir, "eval.json")):
-        with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
-            results = json.load(f)
+    if resumed is not None:
+        results = read_json(os.path.join(workdir, "eval.json")) or {}
     run_log = RunLog(workdir)
     eval_steps = {"init": 0, "sft": config.sft.num_steps, "grpo": config.sft.num_steps + config.grpo.num_steps}
 
@@ -327,13 +348,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
         results[stage] = evaluate(policy)
         write_json(os.path.join(workdir, "eval.json"), results)
         run_log.scalars("eval", eval_steps[stage], results[stage])
-        print(f"eval {stage}: " + " ".join(f"{k}={v:.4f}" for k, v in results[stage].items()), flush=True)
+        say(f"eval {stage}: " + " ".join(f"{k}={v:.4f}" for k, v in results[stage].items()))
 
     if config.eval.rule_baseline and "rule" not in results:
         threshold, scores = evaluation.choose_rule_threshold(validation, encoder, config.inserter)
         results["rule"] = {**scores, "threshold": threshold}
-        print(f"eval rule (threshold {threshold} chosen on validation by reward): "
-              + " ".join(f"{k}={v:.4f}" for k, v in scores.items()), flush=True)
+        say(f"eval rule (threshold {threshold} chosen on validation by reward): "
+              + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         run_log.scalars("eval_rule", 0, results["rule"])
     if config.eval.before_training and "init" not in results:
         record_eval("init", model)
@@ -381,7 +402,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
                           after_step=checkpoint_after("sft", trainer, batches, sft_steps=0))
                 sft_steps = max(first_step, config.sft.num_steps)
                 model = trainer.model
-                save_hf_model(model, processor, checkpoint, os.path.join(workdir, "sft"))
+                save_model_dir(model, processor, checkpoint, workdir, "sft")
                 record_eval("sft", model)
             else:
                 sft_steps = 0 if position is None else position.sft_steps
@@ -397,7 +418,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
                 record_eval("grpo", model)
         finally:
             checkpoints.close()
-    save_hf_model(model, processor, checkpoint, os.path.join(workdir, "final"))
+    save_model_dir(model, processor, checkpoint, workdir, "final")
     run_log.close()
     return results
 
@@ -408,7 +429,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         train(_CONFIG.value, _WORKDIR.value, sys.argv)
     except Preempted as stop:
-        print(stop, flush=True)
+        say(stop)
         sys.exit(PREEMPTED_EXIT)
 
 

@@ -21,6 +21,9 @@ Sections:
              before_training (also evaluate the initial model, as stage "init"), rule_baseline (score the
              caption-similarity baseline, its threshold chosen on the validation split, as stage "rule").
   mesh       axis sizes of the (data, fsdp, tensor) mesh (`m2io_jax.sharding.make_mesh`); empty: one device.
+  distributed  joining a multi-process run (`m2io_jax.sharding.get_distributed_config`): "auto" initializes
+             jax.distributed on a multi-host TPU slice; every process runs the same steps on the same batches,
+             the mesh spans all processes' devices, process 0 writes the files.
   checkpoint Orbax checkpoints in `{workdir}/checkpoints` (`m2io_jax.rl.checkpoint`): every_steps (run steps
              between saves; each stage's end and a preemption also save), keep (the newest N kept),
              asynchronous (write in the background while training goes on).
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from m2io_jax import sharding
 from m2io_jax.data import config as data_config
 from m2io_jax.inserter import config as inserter_config
 from m2io_jax.inserter import pipeline
@@ -93,6 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.rule_baseline = True
 
     c.mesh = ml_collections.ConfigDict()
+    c.distributed = sharding.get_distributed_config()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50

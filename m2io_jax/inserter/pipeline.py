@@ -15,19 +15,18 @@ A prompt longer than `max_prompt_tokens` is handled by the `over_budget` policy,
 
 Retrieval and image processing happen once per run: `build_examples` returns every example of a split in
 memory (the demo corpus is small; MRAMG-Bench's 4,800 questions fit too), and `batches` draws shuffled
-batches from them with grain, each process from its own shard (`jax.process_index()` of
-`jax.process_count()`), reshuffled every epoch, in an order fixed by the seed.
+global batches from them with grain (the same on every process), reshuffled every epoch, in an order fixed by
+the seed.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
@@ -188,6 +187,21 @@ def _fit_prompt(dataset: SplitDataset, question: Any, retrieved: list, split: st
                 retriever: retriever_lib.Retriever, processor: Any, data: ml_collections.ConfigDict,
                 inserter: ml_collections.ConfigDict, pipeline: ml_collections.ConfigDict) -> PromptExample | None:
     """The example of `question` within the prompt budget under the `over_budget` policy; None when none fits."""
+    return fit_prompt(dataset, question, retrieved, split, make_example=example_from_question, retriever=retriever,
+                      processor=processor, data=data, inserter=inserter, pipeline=pipeline)
+
+
+def fit_prompt(dataset: SplitDataset, question: Any, retrieved: Sequence[Any], split: str, *,
+               make_example: Callable[[Any, Candidates], InsertionExample], retriever: retriever_lib.Retriever,
+               processor: Any, data: ml_collections.ConfigDict, inserter: ml_collections.ConfigDict,
+               pipeline: ml_collections.ConfigDict) -> PromptExample | None:
+    """The example `make_example(question, candidates)` builds, within the prompt budget under the `over_budget`
+    policy; None when none fits.
+
+    Training and held-out evaluation make it from the gold answer (`example_from_question`); the systems of
+    `m2io_jax.systems` from a generated answer (`example.example_from_answer`). `retrieved`: the question's
+    chunks, best first; `split` decides with `data.candidates.missed_gold` whether missed gold is added.
+    """
     max_images = data.candidates.max_images
     initial: int | None = None
     while True:
@@ -198,7 +212,7 @@ def _fit_prompt(dataset: SplitDataset, question: Any, retrieved: list, split: st
         count = len(candidates.image_map)
         if initial is None:
             initial = count
-        example = example_from_question(question, candidates)
+        example = make_example(question, candidates)
         prompt = build_prompt(example, dataset.images, inserter)
         processed = processor([list(prompt.messages)], images=[list(prompt.image_files)])
         prompt_ids = tuple(int(i) for i in processed.input_ids[0][processed.attention_mask[0] == 1])  # [T]
@@ -213,19 +227,15 @@ def _fit_prompt(dataset: SplitDataset, question: Any, retrieved: list, split: st
         max_images = count - 1
 
 
-def batches(examples: Sequence[PromptExample], *, batch_size: int, seed: int, process_index: int | None = None,
-            process_count: int | None = None) -> Iterator[list[PromptExample]]:
-    """Endless batches of `batch_size` examples from this process's shard, reshuffled every epoch.
+def batches(examples: Sequence[PromptExample], *, batch_size: int, seed: int) -> Iterator[list[PromptExample]]:
+    """Endless global batches of `batch_size` examples, reshuffled every epoch, in an order fixed by `seed`.
 
-    The shard is every `process_count`-th example from `process_index` (default: this JAX process), so the
-    shards of all processes are disjoint and cover the examples; `batch_size` is per process. The order is a
-    function of `seed` only.
+    Every process of a multi-process run iterates the same global batches: the trainer prepares the whole batch
+    on each host (a few prompts, cheap next to a rollout) and hands it to jit as replicated host input, while
+    the device arrays it becomes are sharded over all processes' devices (`m2io_jax.rl.trainer`). The iterator's
+    `get_state()` / `set_state()` are its position, which checkpoints hold.
     """
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if not 0 <= index < count:
-        raise ValueError(f"process_index={index}: expected 0 <= index < process_count={count}")
-    shard = grain.MapDataset.source(list(examples))[index::count]
-    if len(shard) < batch_size:
-        raise ValueError(f"process {index} of {count} holds {len(shard)} examples, fewer than batch_size={batch_size}")
-    return iter(shard.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True, batch_fn=list))
+    if len(examples) < batch_size:
+        raise ValueError(f"{len(examples)} examples are fewer than batch_size={batch_size}")
+    source = grain.MapDataset.source(list(examples))
+    return iter(source.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True, batch_fn=list))

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
 from m2io_jax import sharding as shd
@@ -284,18 +283,12 @@ def load_model(
     return nnx.merge(graphdef, state)
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
-    if array.is_fully_addressable:
-        return np.asarray(jax.device_get(array))
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def _host_tensors(variables: dict[tuple[str, ...], nnx.Variable], spec: TensorSpec,
                   dtype: Any) -> list[tuple[str, np.ndarray]]:
     """The checkpoint tensors of one parameter, gathered to the host and laid out as Hugging Face stores them."""
     if spec.path not in variables:
         raise ValueError(f"model has no parameter {spec.path} for tensor {spec.hf_name!r}")
-    full = _to_host(variables[spec.path].get_value())
+    full = shd.to_host(variables[spec.path].get_value())
     if dtype is not None:
         full = full.astype(np.dtype(jnp.dtype(dtype)))
     if spec.num_layers is None:

@@ -40,7 +40,7 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run stopped early on purpose; rerunning 
 RESUMABLE_FIELDS = (
     "sft.num_steps", "grpo.num_steps", "sft.optimizer.total_steps", "optimizer.total_steps",
     "log_every", "print_every", "samples_every", "num_samples_logged", "max_nonfinite_in_a_row", "eval",
-    "checkpoint", "mesh",
+    "checkpoint", "mesh", "distributed",
     "compilation_cache_dir",
 )
 """Config fields (and sections) that may differ on resume; any other changed field stops the run."""
@@ -255,7 +255,9 @@ class SigtermFlag:
 def save_hf_model(model: Any, processor: Qwen2_5_VLProcessor, source: str, path: str) -> None:
     """`model` as a Hugging Face directory at `path`, with the tokenizer, preprocessor and chat template files
     (those of the `source` directory the model was first loaded from)."""
-    models.save_pretrained(model, path)
+    models.save_pretrained(model, path)  # every process takes part in gathering the weights
+    if jax.process_index() != 0:
+        return
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
     for name in _COPIED_FILES:

@@ -217,7 +217,7 @@ class Trainer:
             sft_batch = steps.SftBatch(inputs, features, targets.tokens, targets.mask)
             self._params, self._opt_state, metrics = steps.sft_update(self._spec, self._params, self._opt_state,
                                                                       sft_batch)
-            metrics = jax.device_get(metrics)
+            metrics = shd.to_host(metrics)
         elapsed = time.perf_counter() - start
         return {**{k: float(v) for k, v in metrics.items()}, "target_tokens": float(targets.num_tokens),
                 "tokens_per_second": targets.num_tokens / elapsed, "time/update": elapsed,
@@ -285,7 +285,7 @@ class Trainer:
             for _ in range(self._grpo.num_iterations):
                 metrics, logp = self._update(train_batch)
                 trainer_logp = logp if trainer_logp is None else trainer_logp
-            metrics, trainer_logp = jax.device_get((metrics, trainer_logp))
+            metrics, trainer_logp = shd.to_host((metrics, trainer_logp))
         end = time.perf_counter()
 
         out = {k: float(v) for k, v in metrics.items()}

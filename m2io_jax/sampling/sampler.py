@@ -90,7 +90,7 @@ def _sample_prepared(model: CausalLM, batch: PreparedInputs, vision_features: ja
             return None
         prefix, state = prefill_jit(program, params, batch, *per_row, stops, np.uint32(seed), vision_features)
         state = decode_jit(program, params, prefix, stops, state)
-    tokens, logprobs, lengths = jax.device_get((state.tokens, state.logprobs, state.lengths))
+    tokens, logprobs, lengths = shd.to_host((state.tokens, state.logprobs, state.lengths))
     out_tokens, out_logprobs, out_prompt, out_sample = [], [], [], []
     for i in range(rows):
         for j in range(g):

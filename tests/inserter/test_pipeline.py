@@ -72,24 +72,20 @@ def test_unknown_over_budget_policy_is_named(setup):
         setup.examples("train", over_budget="truncate")
 
 
-def test_process_shards_are_disjoint_and_cover_the_split(train_examples):
+def test_an_epoch_covers_the_split_once(train_examples):
     examples, _ = train_examples
-    per_shard = len(examples) // 2
-    seen = []
-    for index in range(2):
-        stream = pipeline.batches(examples, batch_size=4, seed=3, process_index=index, process_count=2)
-        ids = [e.example.candidates.question_id for batch in itertools.islice(stream, per_shard // 4) for e in batch]
-        assert len(ids) == len(set(ids)) == per_shard  # one epoch of the shard, no repeat
-        seen.append(set(ids))
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == {e.example.candidates.question_id for e in examples}
+    epoch = len(examples) // 4
+    stream = pipeline.batches(examples, batch_size=4, seed=3)
+    ids = [e.example.candidates.question_id for batch in itertools.islice(stream, epoch) for e in batch]
+    assert len(ids) == len(set(ids)) == epoch * 4
+    assert set(ids) <= {e.example.candidates.question_id for e in examples}
 
 
 def test_batch_order_is_fixed_by_the_seed_and_reshuffled_each_epoch(train_examples):
     examples, _ = train_examples
 
     def order(seed, count):
-        stream = pipeline.batches(examples, batch_size=8, seed=seed, process_index=0, process_count=1)
+        stream = pipeline.batches(examples, batch_size=8, seed=seed)
         return [e.example.candidates.question_id for batch in itertools.islice(stream, count) for e in batch]
 
     epoch = len(examples) // 8
@@ -99,7 +95,7 @@ def test_batch_order_is_fixed_by_the_seed_and_reshuffled_each_epoch(train_exampl
     one, two = first[:len(examples)], first[len(examples):]
     assert sorted(one) == sorted(two) and one != two
     with pytest.raises(ValueError, match="fewer than batch_size"):
-        pipeline.batches(examples[:3], batch_size=4, seed=0, process_index=0, process_count=1)
+        pipeline.batches(examples[:3], batch_size=4, seed=0)
 
 
 def test_sft_targets_parse_back_to_the_gold_placements(setup, train_examples):
