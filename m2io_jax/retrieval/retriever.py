@@ -10,6 +10,8 @@ another class with the same `build(embeddings, config)` / `search(queries, k)` i
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import ml_collections
@@ -49,8 +51,17 @@ class Hit:
     score: float
 
 
+CHUNKS_FILE = "chunks.jsonl"
+INDEX_DIR = "index"
+
+
 class Retriever:
-    """Chunks of one corpus, their index, and the encoder that embeds queries the same way."""
+    """Chunks of one corpus, their index, and the encoder that embeds queries the same way.
+
+    `save(directory)` writes the chunks (`chunks.jsonl`, one JSON object per chunk, in index order) and the index
+    (`index/`, `ScannIndex.save`); `Retriever.load(directory, encoder)` reads them back and searches identically,
+    given the encoder the index was built with.
+    """
 
     def __init__(self, chunks: Sequence[chunking.Chunk], index: Any, encoder: Encoder, *, batch_size: int = 64):
         self.chunks = list(chunks)
@@ -105,6 +116,44 @@ class Retriever:
         """`build` with the chunking and retrieval settings of a data config (`m2io_jax.data.config`)."""
         return cls.build(documents, encoder, max_tokens=data.chunk.max_tokens, batch_size=data.retrieval.batch_size,
                          index_overrides=data.retrieval.index.to_dict())
+
+    def save(self, directory: str) -> None:
+        """Writes the chunks and the index (an index class with `save(directory)`) under `directory`."""
+        if not callable(getattr(self.index, "save", None)):
+            raise TypeError(f"{type(self.index).__name__} has no save(directory): only a saveable index (ScannIndex) "
+                            f"can be written")
+        os.makedirs(directory, exist_ok=True)
+        self.index.save(os.path.join(directory, INDEX_DIR))
+        path = os.path.join(directory, CHUNKS_FILE)
+        with open(f"{path}.partial", "w", encoding="utf-8") as f:
+            for chunk in self.chunks:
+                f.write(json.dumps(dataclasses.asdict(chunk), ensure_ascii=False) + "\n")
+        os.replace(f"{path}.partial", path)
+
+    @classmethod
+    def load(cls, directory: str, encoder: Encoder, *, batch_size: int = 64) -> "Retriever":
+        """A retriever written by `save`; `encoder` must be the one the index was built with."""
+        from m2io_jax.retrieval import index as index_lib
+
+        path = os.path.join(directory, CHUNKS_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing (not a directory written by Retriever.save)")
+        chunks = []
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                try:
+                    record = json.loads(line)
+                    chunks.append(chunking.Chunk(doc_id=record["doc_id"], index=int(record["index"]),
+                                                 text=record["text"], images=tuple(record["images"]),
+                                                 dataset=record["dataset"]))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{line_number}: not a chunk record (doc_id, index, text, images, "
+                                     f"dataset): {e}") from e
+        index = index_lib.ScannIndex.load(os.path.join(directory, INDEX_DIR))
+        if index.num_vectors != len(chunks):
+            raise ValueError(f"{directory}: the index holds {index.num_vectors} vectors for {len(chunks)} chunks in "
+                             f"{CHUNKS_FILE}; expected one per chunk")
+        return cls(chunks, index, encoder, batch_size=batch_size)
 
     def chunks_of(self, doc_id: str) -> list[chunking.Chunk]:
         """All chunks of one document, in document order."""
