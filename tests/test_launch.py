@@ -294,7 +294,9 @@ def test_keep_training_restarts_a_trainer_that_saved_on_preemption(tmp_path):
     code, calls, output = run_keep_training(tmp_path, ["ACTIVE"] * 5,
                                             ["SSH_FAILS", "running", "exit 75", "running", "exit 0"])
     assert code == 0, output
-    assert steps_of(calls) == ["describe", "ssh:status", "describe", "ssh:status", "describe", "ssh:status", "ssh:start",
+    assert steps_of(calls) == ["describe", "ssh:status",               # ssh failed: wait
+                               "describe", "ssh:status",               # running
+                               "describe", "ssh:status", "ssh:start",  # exit 75: start again, no bring-up
                                "describe", "ssh:status", "describe", "ssh:status", "delete"]
 
 
