@@ -63,3 +63,9 @@ def example_from_question(question: mramg.Question, candidates: Candidates) -> I
         candidates=candidates,
         gold_anchors=gold_anchors,
     )
+
+
+def example_from_answer(question: mramg.Question, answer: str, candidates: Candidates) -> InsertionExample:
+    """The inference example of `question`: images go into `answer` (a generator's text, its `<imgN>` markers
+    removed); no gold anchors, so placement is never scored on it."""
+    return InsertionExample(question=question.question, answer=answer, candidates=candidates)
