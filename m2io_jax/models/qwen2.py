@@ -42,10 +42,11 @@ import numpy as np
 from flax import nnx, struct
 
 from m2io_jax.models.attention import (
-    causal_segment_mask,
+    CausalSegments,
     check_attention_impl,
     grouped_attention,
     shared_prefix_attention,
+    shared_prefix_decode,
 )
 from m2io_jax.models.layers import param
 from m2io_jax.models.protocol import PrefixCache, PreparedInputs, SuffixCache, left_pad, suppress_logits
@@ -324,9 +325,10 @@ def attention_residual_and_mlp(
 
 def decoder_layer(
     config: Qwen2Config, x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
-    mask: jax.Array, kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
+    segments: CausalSegments, kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One pre-norm decoder layer. x [B, T, D]; w: this layer's weights; kv: this layer's cache [B, S, KV, hd].
+    """One pre-norm decoder layer. x [B, T, D]; w: this layer's weights; segments: who attends to whom; kv:
+    this layer's cache [B, S, KV, hd].
 
     Returns the new residual stream and the keys/values attended over (the updated cache when kv is given).
     """
@@ -336,7 +338,7 @@ def decoder_layer(
     if kv is not None:
         k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))  # [B, S, KV, hd]
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-    out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=config.attention_impl)
+    out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), segments, impl=config.attention_impl)
     x = attention_residual_and_mlp(config, x, w, out)
     return constrain(x, ("batch", "length", "act_embed")), (k, v)
 
@@ -392,10 +394,10 @@ class Qwen2ForCausalLM(nnx.Module):
         x = inputs_embeds.astype(c.dtype)
 
         if cache is None:
-            mask = causal_segment_mask(segment_ids, segment_ids, jnp.arange(t))
+            segments = CausalSegments(segment_ids, segment_ids, jnp.zeros((), jnp.int32))
 
             def step(x, w):
-                x, _ = layer(x, w, cos, sin, mask, None, None)
+                x, _ = layer(x, w, cos, sin, segments, None, None)
                 return x, None
 
             x, _ = jax.lax.scan(step, x, weights)
@@ -403,12 +405,12 @@ class Qwen2ForCausalLM(nnx.Module):
         else:
             index = cache.index
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
-            mask = causal_segment_mask(segment_ids, cache_segments, index + jnp.arange(t))
+            segments = CausalSegments(segment_ids, cache_segments, index)
 
             def step(carry, w_i):
                 x, k_all, v_all = carry
                 w, i = w_i
-                x, (k, v) = layer(x, w, cos, sin, mask, (k_all[i], v_all[i]), index)
+                x, (k, v) = layer(x, w, cos, sin, segments, (k_all[i], v_all[i]), index)
                 new_k = jax.lax.dynamic_slice_in_dim(k, index, t, axis=1)[None]  # [1, B, T, KV, hd]
                 new_v = jax.lax.dynamic_slice_in_dim(v, index, t, axis=1)[None]
                 k_all = jax.lax.dynamic_update_slice(k_all, new_k, (i, 0, index, 0, 0))
@@ -533,27 +535,24 @@ class Qwen2ForCausalLM(nnx.Module):
         m = b * g
         cos, sin = self._suffix_rope(prefix.next_position, slot[None], g)  # [M, 1, hd]
         x = self.embed(tokens.reshape(m, 1))  # [M, 1, D]
-        visible = (jnp.arange(span) <= slot)[None]  # [1, span]
 
         def layer(carry, xs):
             x, k_all, v_all = carry
-            w, pk, pv, i = xs
+            w, i = xs
             q, k, v = project_qkv(c, x, w, cos, sin)  # [M, 1, H, hd], [M, 1, KV, hd] x2
             new_k = k.reshape(1, b, g, 1, *k.shape[2:]).astype(k_all.dtype)
             new_v = v.reshape(1, b, g, 1, *v.shape[2:]).astype(v_all.dtype)
             k_all = jax.lax.dynamic_update_slice(k_all, new_k, (i, 0, 0, slot, 0, 0))
             v_all = jax.lax.dynamic_update_slice(v_all, new_v, (i, 0, 0, slot, 0, 0))
-            sk = jax.lax.dynamic_index_in_dim(k_all, i, axis=0, keepdims=False)[:, :, :span]  # [B, G, span, KV, hd]
-            sv = jax.lax.dynamic_index_in_dim(v_all, i, axis=0, keepdims=False)[:, :, :span]
-            q = constrain(q.reshape(b, g, 1, *q.shape[2:]), ("batch", None, None, "act_heads", None))
-            out = shared_prefix_attention(q, pk, pv, prefix.mask, sk.astype(q.dtype), sv.astype(q.dtype), visible,
-                                          impl=c.attention_impl)  # [B, G, 1, H, hd]
-            x = attention_residual_and_mlp(c, x, w, out.reshape(m, 1, *out.shape[3:]))
+            q = constrain(q.reshape(b, g, *q.shape[2:]), ("batch", None, "act_heads", None))
+            out = shared_prefix_decode(q, prefix.k, prefix.v, prefix.mask, k_all, v_all, i, slot, span=span,
+                                       impl=c.attention_impl)  # [B, G, H, hd]
+            x = attention_residual_and_mlp(c, x, w, out.reshape(m, 1, *out.shape[2:]))
             return (constrain(x, ("batch", "length", "act_embed")), k_all, v_all), None
 
         layer_ids = jnp.arange(c.num_hidden_layers)
         (x, k_all, v_all), _ = jax.lax.scan(
-            layer, (x, suffix.k, suffix.v), (self.layers.stacked(c.dtype), prefix.k, prefix.v, layer_ids))
+            layer, (x, suffix.k, suffix.v), (self.layers.stacked(c.dtype), layer_ids))
         hidden = rms_norm(x[:, 0], self.norm[...], c.rms_norm_eps)  # [M, D]
         logits = jnp.einsum("md,dv->mv", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
         return logits.reshape(b, g, -1), SuffixCache(k=k_all, v=v_all)
@@ -581,14 +580,13 @@ class Qwen2ForCausalLM(nnx.Module):
             return first[..., None]
         cos, sin = self._suffix_rope(prefix.next_position, jnp.arange(n), g)  # [M, N, hd]
         x = self.embed(completions.reshape(b * g, n))  # [M, N, D]
-        causal = jnp.tril(jnp.ones((n, n), bool))
 
         def layer(x, xs):
             w, pk, pv = xs
             q, k, v = project_qkv(c, x, w, cos, sin)  # [M, N, H, hd], [M, N, KV, hd] x2
             q = constrain(q.reshape(b, g, n, *q.shape[2:]), ("batch", None, "length", "act_heads", None))
             k, v = (a.reshape(b, g, n, *a.shape[2:]) for a in (k, v))
-            out = shared_prefix_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix.mask, k, v, causal,
+            out = shared_prefix_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix.mask, k, v,
                                           impl=c.attention_impl)  # [B, G, N, H, hd]
             x = attention_residual_and_mlp(c, x, w, out.reshape(b * g, n, *out.shape[3:]))
             return constrain(x, ("batch", "length", "act_embed")), None

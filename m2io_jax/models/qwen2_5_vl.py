@@ -29,6 +29,8 @@ import numpy as np
 from flax import nnx
 
 from m2io_jax.models import qwen2_5_vl_inputs as host
+from m2io_jax.models.attention import check_attention_impl
+from m2io_jax.models.kernels import splash
 from m2io_jax.models.layers import MASKED_SCORE, param
 from m2io_jax.models.protocol import PrefixCache, PreparedInputs, SuffixCache
 from m2io_jax.models.qwen2 import Qwen2ForCausalLM, StackedLayers, apply_rope, rms_norm, with_remat
@@ -121,26 +123,30 @@ class VisionBlocks(StackedLayers):
 
 
 def _full_attention(config: VisionConfig, q: jax.Array, k: jax.Array, v: jax.Array,
-                    inputs: VisionInputs) -> jax.Array:
+                    inputs: VisionInputs, attention_impl: str) -> jax.Array:
     """Attention over all patches of each image: windows -> one row per image -> attention -> windows.
 
-    q, k, v `[W, H, L, hd]` -> `[W, H, L, hd]`.
+    q, k, v `[W, H, L, hd]` -> `[W, H, L, hd]`; attention_impl "pallas": splash attention (no query blocks).
     """
     _, heads, length, hd = q.shape
     images, per_image = inputs.image_windows.shape
     q, k, v = (jnp.swapaxes(a[inputs.image_windows], 1, 2).reshape(images, heads, -1, hd)
                for a in (q, k, v))  # [I, H, V * L, hd]
-    out = blocked_attention(q, k, v, inputs.image_valid, config.full_attention_block_scores)
+    if attention_impl == "pallas":
+        out = splash.bidirectional_attention(q, k, v, inputs.image_valid)
+    else:
+        out = blocked_attention(q, k, v, inputs.image_valid, config.full_attention_block_scores)
     out = jnp.swapaxes(out.reshape(images, heads, per_image, length, hd), 1, 2).reshape(-1, heads, length, hd)
     return out[inputs.window_slot]  # [W, H, L, hd]
 
 
-def vision_block(config: VisionConfig, x: jax.Array, w: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
-                 inputs: VisionInputs, full_attention: jax.Array) -> jax.Array:
+def vision_block(config: VisionConfig, attention_impl: str, x: jax.Array, w: dict[str, jax.Array], cos: jax.Array,
+                 sin: jax.Array, inputs: VisionInputs, full_attention: jax.Array) -> jax.Array:
     """One pre-norm block: (window or full) attention with 2-D rotary, then a SwiGLU MLP.
 
     x `[W, L, D]` in the window layout; w: one layer's weights; cos, sin `[W, L, head_dim]`; full_attention: a
-    boolean scalar choosing the attention (`lax.cond`: only the chosen one runs).
+    boolean scalar choosing the attention (`lax.cond`: only the chosen one runs); attention_impl: "xla" or
+    "pallas" (splash attention, `m2io_jax.models.kernels.splash`).
     """
     h = rms_norm(x, w["norm1"], config.rms_norm_eps)
     qkv = jnp.einsum("wld,dshe->wlshe", h, w["qkv"]) + w["qkv_bias"]
@@ -148,8 +154,9 @@ def vision_block(config: VisionConfig, x: jax.Array, w: dict[str, jax.Array], co
     q = apply_rope(qkv[:, :, 0].astype(jnp.float32), cos, sin) * config.head_dim**-0.5
     k = apply_rope(qkv[:, :, 1].astype(jnp.float32), cos, sin)
     q, k, v = (jnp.swapaxes(a.astype(x.dtype), 1, 2) for a in (q, k, qkv[:, :, 2]))
-    out = jax.lax.cond(full_attention, lambda: _full_attention(config, q, k, v, inputs),
-                       lambda: attention(q, k, v, inputs.window_valid))
+    window = splash.bidirectional_attention if attention_impl == "pallas" else attention
+    out = jax.lax.cond(full_attention, lambda: _full_attention(config, q, k, v, inputs, attention_impl),
+                       lambda: window(q, k, v, inputs.window_valid))
     x = x + jnp.einsum("whle,hed->wld", out, w["proj"]) + w["proj_bias"]
     h = rms_norm(x, w["norm2"], config.rms_norm_eps)
     gate = h @ w["gate"] + w["gate_bias"]
@@ -180,10 +187,15 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """The Qwen2.5-VL vision transformer: window-layout patches in, merged features (HF order) out."""
+    """The Qwen2.5-VL vision transformer: window-layout patches in, merged features (HF order) out.
 
-    def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
+    attention_impl: one of `m2io_jax.models.attention.ATTENTION_IMPLS` (the VL model passes its decoder's).
+    """
+
+    def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, attention_impl: str = "xla"):
+        check_attention_impl(attention_impl, "VisionTower")
         self.config = config
+        self.attention_impl = attention_impl
         self.patch_embed = _vision_param(rngs, (config.patch_dim, config.hidden_size), ("vision_patch", "vision_embed"),
                                   config.param_dtype)
         self.blocks = VisionBlocks(config, rngs=rngs)
@@ -195,7 +207,7 @@ class VisionTower(nnx.Module):
         x = jnp.einsum("wlp,pd->wld", inputs.patches.astype(dt), self.patch_embed[...].astype(dt))
         x = constrain(x, ("batch", None, "act_embed"))  # windows spread over the data-parallel axes
         cos, sin = vision_rotary(inputs.patch_hw, cfg.head_dim)
-        block = with_remat(functools.partial(vision_block, cfg), cfg.remat)
+        block = with_remat(functools.partial(vision_block, cfg, self.attention_impl), cfg.remat)
         full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
 
         def step(x, layer):
@@ -226,7 +238,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
 
     def __init__(self, config: Qwen2_5_VLConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.visual = VisionTower(config.vision, rngs=rngs)
+        self.visual = VisionTower(config.vision, rngs=rngs, attention_impl=config.text.attention_impl)
         self.language_model = Qwen2ForCausalLM(config.text, rngs=rngs)
 
     def encode_images(self, vision: VisionInputs) -> jax.Array:
