@@ -49,11 +49,13 @@ from m2io_jax.inserter.sources import SplitDataset
 from m2io_jax.inserter.task import decode_completion
 from m2io_jax.models import sentence_encoder
 from m2io_jax.models.qwen2_5_vl_processor import IMAGE_PAD, Qwen2_5_VLProcessor
+from m2io_jax.retrieval import index_cache
 from m2io_jax.retrieval import retriever as retriever_lib
 from m2io_jax.retrieval.chunking import Chunk
 
 SYSTEM_NAMES = ("m2io", "m2io-sft", "rule", "llm", "oracle-text")
 STAGES = ("retrieve", "generate", "insert")
+INDEX_MODES = ("cache", "load")
 HELD_OUT_SPLIT = "test"  # candidates are built as for a held-out question: missed gold only under policy "always"
 
 _TRAIN_COMMAND = "python -m m2io_jax.train --config=CONFIG --workdir={workdir}"
@@ -67,6 +69,8 @@ def get_systems_config() -> ml_collections.ConfigDict:
       sft_checkpoint: the inserter after SFT (m2io-sft); "" = `{workdir}/sft`.
       generator: `m2io_jax.generator.get_generator_config()`: its `checkpoint` (m2io, m2io-sft, rule; "" =
         `{workdir}/generator`) and `llm_checkpoint` (llm; "" = `{workdir}/generator_llm`), prompt and decoding.
+      index: where the retrieval index comes from: "cache" (`{workdir}/index`, built there on first use) or
+        "load" (it must be there: `python -m m2io_jax.retrieval.build_index` builds it).
       batch_size: questions per batch through retrieval, generation and insertion (the inserter's own decode
         batch is `config.eval.batch_size`, the generator's `generator.batch_size`).
     """
@@ -74,6 +78,7 @@ def get_systems_config() -> ml_collections.ConfigDict:
     c.inserter_checkpoint = ""
     c.sft_checkpoint = ""
     c.generator = generator.get_generator_config()
+    c.index = "cache"
     c.batch_size = 16
     return c
 
@@ -320,10 +325,23 @@ def rule_threshold(config: ml_collections.ConfigDict, workdir: str, dataset: Spl
     return threshold
 
 
-def build_retrieval(config: ml_collections.ConfigDict, dataset: SplitDataset,
+def build_retrieval(config: ml_collections.ConfigDict, workdir: str, dataset: SplitDataset,
                     encoder: retriever_lib.Encoder) -> Retrieval:
-    """The dataset's retriever over its whole corpus (chunking and retrieval settings of `config.data`)."""
-    return Retrieval(retriever_lib.Retriever.from_config(dataset.documents, encoder, config.data), dataset, config)
+    """The retrieval over `dataset`'s whole corpus, its index from `{workdir}/index` (`retrieval.index_cache`):
+    loaded when present and current, else built and cached there (`config.systems.index="cache"`), or an error
+    naming `python -m m2io_jax.retrieval.build_index` (`"load"`)."""
+    directory = index_cache.index_dir(workdir)
+    mode = systems_section(config).index
+    if mode == "cache":
+        retriever = index_cache.load_or_build(directory, config.data, encoder, [dataset])[dataset.name]
+    elif mode == "load":
+        try:
+            retriever = index_cache.load(directory, dataset.name, dataset.documents, config.data, encoder)
+        except (FileNotFoundError, ValueError) as missing:
+            raise cli.UserError(str(missing)) from missing
+    else:
+        raise cli.UserError(f"config.systems.index={mode!r}: expected one of {INDEX_MODES}")
+    return Retrieval(retriever, dataset, config)
 
 
 def build_system(name: str, config: ml_collections.ConfigDict, workdir: str, *, dataset: SplitDataset,
@@ -354,7 +372,7 @@ def build_system(name: str, config: ml_collections.ConfigDict, workdir: str, *, 
         generator_path = generator.checkpoint_path(section.generator, workdir,
                                                    generator.LLM if name == "llm" else generator.TEXT)
     encoder = encoder if encoder is not None else sentence_encoder.load_encoder(config.data.retrieval.encoder_path)
-    retrieval = build_retrieval(config, dataset, encoder)
+    retrieval = build_retrieval(config, workdir, dataset, encoder)
 
     if name == "oracle-text":
         inserter = ModelInserter(inserter_path, config, retrieval)

@@ -35,6 +35,18 @@ def workdir(setup, tmp_path_factory):
     return str(path)
 
 
+def _run_dir(tmp_path, workdir):
+    """A new run directory whose checkpoints are the module run's (final, sft, both generators)."""
+    run = tmp_path / "run"
+    os.makedirs(run)
+    for name in ("final", "sft", "generator"):
+        os.symlink(os.path.join(workdir, name), run / name)
+    os.symlink(os.path.join(workdir, "generator"), run / "generator_llm")
+    with open(run / "eval.json", "w") as f:
+        json.dump({"rule": {"threshold": 0.3}}, f)
+    return str(run)
+
+
 def _config(setup, output_format="anchors"):
     config = systems.get_config()
     for section in ("data", "inserter", "pipeline"):
@@ -64,9 +76,9 @@ def _gold_completions(tokenizer, inserter):
     return completions
 
 
-def test_oracle_text_prompts_are_the_trainers_validation_prompts(setup):
+def test_oracle_text_prompts_are_the_trainers_validation_prompts(setup, workdir):
     config = _config(setup)
-    retrieval = systems.build_retrieval(config, setup.dataset, _encoder(setup))
+    retrieval = systems.build_retrieval(config, workdir, setup.dataset, _encoder(setup))
     inserter = systems.ModelInserter(setup.checkpoint, config, retrieval)
     questions = setup.dataset.questions_of("validation")
     prompts = inserter.prompts(questions, retrieval(questions), answers=None)
@@ -90,8 +102,8 @@ def test_oracle_text_greedy_answers_match_the_trainers_evaluation(setup, workdir
     trained, _ = setup.examples("validation")
     by_id = {e.example.candidates.question_id: e for e in trained}
     examples = [by_id[q.id] for q in questions]
-    inserter = systems.ModelInserter(setup.checkpoint, config, systems.build_retrieval(config, setup.dataset,
-                                                                                       _encoder(setup)))
+    inserter = systems.ModelInserter(setup.checkpoint, config,
+                                     systems.build_retrieval(config, workdir, setup.dataset, _encoder(setup)))
     completions = evaluation.greedy_completions(
         inserter.model, examples, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
         stop_tokens=inserter.stop_tokens, suppress_tokens=inserter.suppress_tokens)
@@ -160,7 +172,7 @@ def test_m2io_places_images_in_the_generated_text(setup, workdir, monkeypatch):
 
 def test_rule_threshold_comes_from_eval_json_else_from_validation(setup, workdir, tmp_path):
     config = _config(setup)
-    retrieval = systems.build_retrieval(config, setup.dataset, _encoder(setup))
+    retrieval = systems.build_retrieval(config, workdir, setup.dataset, _encoder(setup))
     trained, _ = setup.examples("validation")
     expected, _ = evaluation.choose_rule_threshold(trained, _encoder(setup), config.inserter)
     empty = str(tmp_path / "no_eval")
@@ -197,7 +209,7 @@ def test_rule_places_by_its_threshold(setup, workdir, tmp_path, monkeypatch):
         assert metrics.strip_image_markers(answer.text) == "Open the lid. Pour the water."
 
 
-def test_no_candidate_image_gives_an_answer_without_placeholders(setup, workdir, monkeypatch):
+def test_no_candidate_image_gives_an_answer_without_placeholders(setup, workdir, tmp_path, monkeypatch):
     documents = {key: dataclasses.replace(doc, content=doc.content.replace("<PIC>", ""), images=())
                  for key, doc in setup.dataset.documents.items()}
     imageless = SplitDataset(DATASET, setup.dataset.questions, setup.dataset.question_split, documents,
@@ -207,8 +219,9 @@ def test_no_candidate_image_gives_an_answer_without_placeholders(setup, workdir,
     config = _config(setup)
     question = mramg.Question(id="free", question="How do I descale the kettle?", provenance=(), ground_truth="",
                               images=(), dataset=DATASET)
-    for name in ("m2io", "rule"):
-        system = systems.build_system(name, config, workdir, dataset=imageless, encoder=_encoder(setup))
+    run = _run_dir(tmp_path, workdir)  # its own index: this corpus differs from the module's
+    for name in ("m2io", "rule", "llm"):
+        system = systems.build_system(name, config, run, dataset=imageless, encoder=_encoder(setup))
         (answer,) = system.answer([question])
         assert answer.images == [] and answer.image_map == {} and "<img" not in answer.text
         assert answer.text == "It is shown here. Done." and answer.tokens["insert"] == 0
@@ -224,6 +237,38 @@ def test_missing_checkpoints_name_the_command_that_creates_them(setup, tmp_path)
         systems.build_system("llm", config, str(tmp_path), dataset=setup.dataset, encoder=_encoder(setup))
     with pytest.raises(cli.UserError, match="expected one of"):
         systems.build_system("m2io-grpo", config, str(tmp_path), dataset=setup.dataset)
+
+
+def test_index_load_mode_names_the_command_that_builds_the_index(setup, workdir, tmp_path):
+    config = _config(setup)
+    config.systems.index = "load"
+    with pytest.raises(cli.UserError, match="python -m m2io_jax.retrieval.build_index"):
+        systems.build_system("oracle-text", config, _run_dir(tmp_path, workdir), dataset=setup.dataset,
+                             encoder=_encoder(setup))
+    config.systems.index = "rebuild"
+    with pytest.raises(cli.UserError, match="systems.index='rebuild'"):
+        systems.build_system("oracle-text", config, workdir, dataset=setup.dataset, encoder=_encoder(setup))
+
+
+def test_llm_writes_the_placeholders_itself(setup, workdir, tmp_path, monkeypatch):
+    seen = []
+
+    def written(self, questions, passages, images=None):
+        seen.append((passages, images))
+        return [generator.GeneratedText("Open the lid.<img2> Pour the water.", 9) for _ in questions]
+
+    monkeypatch.setattr(generator.Generator, "answer", written)
+    system = systems.build_system("llm", _config(setup), _run_dir(tmp_path, workdir), dataset=setup.dataset,
+                                  encoder=_encoder(setup))
+    answers = system.answer(setup.dataset.questions_of("test")[:3])
+    (passages, images), = seen
+    assert any("img2" in answer.image_map for answer in answers)
+    for answer, shown, listed in zip(answers, passages, images):
+        assert listed == [(tag, setup.dataset.images[name].caption) for tag, name in answer.image_map.items()]
+        assert any("<img" in passage for passage in shown) == bool(answer.image_map)
+        assert answer.tokens == {"generate": 9, "insert": 0} and answer.timings["insert"] == 0.0
+        if "img2" in answer.image_map:
+            assert answer.text == "Open the lid.<img2> Pour the water." and answer.images == [answer.image_map["img2"]]
 
 
 def test_prediction_keeps_the_image_map(setup):
