@@ -1,0 +1,28 @@
+"""Serving the Qwen2.5-7B answer generator on a v5e-8 (TPU v5 lite, one host of 2x4 chips, 16 GiB per chip).
+
+    JAX_PLATFORMS=cpu python -m m2io_jax.bench.aot --config=configs/tpu/generator_7b_v5e_8.py
+
+Topology "v5e:2x4", one host (chips_per_host_bounds (2, 4, 1)), 8 devices, one per chip. bfloat16 weights
+(15.2 GB) split 4 ways by tensor parallelism (28 query heads, 4 KV heads, MLP 18944 and the vocabulary all
+divide by 4; 8 would leave the heads replicated), 2 data-parallel replicas; 32 prompts of 4096 tokens (the
+retrieved passages), 512 new tokens each.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _base():
+    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
+    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                          "base.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return _base().generator_serving("v5e:2x4", chips_per_host_bounds=(2, 4, 1), mesh={"data": 2, "tensor": 4},
+                                     batch_size=32, prompt_length=4096, max_new_tokens=512)

@@ -1,0 +1,27 @@
+"""The 3B inserter's GRPO on a v4-8 (TPU v4, one host of 2x2x1 chips, 32 GiB HBM per chip, megacore).
+
+    JAX_PLATFORMS=cpu python -m m2io_jax.bench.aot --config=configs/tpu/inserter_3b_v4_8.py
+
+A v4 chip has two TensorCores that a VM runs as one megacore device: a v4-8 VM has 4 devices of 32 GiB.
+libtpu's default topology "v4:2x2x1" reports 8 devices (one per TensorCore, 16 GiB each); the report compiles
+for the VM's layout (`chip_config_name="megacore"`, `m2io_jax.chips`): 4 devices. Mesh fsdp 4 (the sampler's
+weight copy, 7.5 GB replicated, fits in 32 GiB); 8 prompts per step x G = 8, micro-batches of 4 prompts.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _base():
+    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
+    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                          "base.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return _base().inserter_grpo("v4:2x2x1", mesh={"fsdp": 4}, batch_size=8, micro_batch_prompts=4)

@@ -1,0 +1,27 @@
+"""The 3B inserter's GRPO on a v5e-16 (TPU v5 lite, 4 hosts of 2x2 chips, 16 GiB HBM per chip): multi-host.
+
+    JAX_PLATFORMS=cpu python -m m2io_jax.bench.aot --config=configs/tpu/inserter_3b_v5e_16.py
+
+Topology "v5e:4x4" with libtpu's default hosts of 2x2x1 chips: 16 devices (one per chip) over 4 processes,
+as the v5litepod-16 VM's 4 workers run them (`config.distributed` "auto" joins them). Mesh fsdp 4 x tensor 4.
+grpo.batch_size is per host: 2 prompts per host, 8 per step, x G = 8; update micro-batches of 4 prompts
+(one per fsdp shard); the rest as configs/tpu/inserter_3b_v5e_8.py.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _base():
+    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
+    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                          "base.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return _base().inserter_grpo("v5e:4x4", mesh={"fsdp": 4, "tensor": 4}, batch_size=2, micro_batch_prompts=4)

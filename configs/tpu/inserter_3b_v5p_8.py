@@ -1,0 +1,25 @@
+"""The 3B inserter's GRPO on a v5p-8 (TPU v5p, one host of 2x2x1 chips, 95 GiB HBM per chip, megacore).
+
+    JAX_PLATFORMS=cpu python -m m2io_jax.bench.aot --config=configs/tpu/inserter_3b_v5p_8.py
+
+Like v4, a v5p chip's two TensorCores run as one megacore device; libtpu's "v5p:2x2x1" already reports the
+VM's 4 devices (2 cores each). Mesh fsdp 4; 16 prompts per step x G = 8, micro-batches of 4 prompts.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _base():
+    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
+    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                          "base.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return _base().inserter_grpo("v5p:2x2x1", mesh={"fsdp": 4}, batch_size=16, micro_batch_prompts=4)

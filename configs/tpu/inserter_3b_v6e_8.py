@@ -1,0 +1,27 @@
+"""The 3B inserter's GRPO on a v6e-8 (TPU v6e Trillium, one host of 2x4 chips, 32 GiB HBM per chip).
+
+    JAX_PLATFORMS=cpu python -m m2io_jax.bench.aot --config=configs/tpu/inserter_3b_v6e_8.py
+
+Topology "v6e:2x4" with chips_per_host_bounds (2, 4, 1): the one-host v6e-8 VM, 8 devices, one per chip (one
+TensorCore each). Mesh fsdp 8 (the sampler's 7.5 GB weight copy fits in 32 GiB); 16 prompts per step x G = 8,
+micro-batches of 8 prompts.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _base():
+    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
+    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                          "base.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return _base().inserter_grpo("v6e:2x4", chips_per_host_bounds=(2, 4, 1), mesh={"fsdp": 8}, batch_size=16,
+                                 micro_batch_prompts=8)
