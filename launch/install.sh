@@ -29,4 +29,4 @@ fi
 .venv/bin/python -c 'import sys; assert sys.version_info[:2] == (3, 11), f"install.sh: .venv has Python {sys.version}; m2io_jax needs 3.11"'
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".[${extras}]"
-.venv/bin/python -c "import jax; print('jax', jax.__version__, 'devices:', jax.devices())"
+.venv/bin/python -c "import jax; print('jax', jax.__version__, 'local devices:', jax.local_devices())"

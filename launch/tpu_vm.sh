@@ -11,7 +11,7 @@
 #   bash launch/tpu_vm.sh status-queued        # the queued resource's (WAITING_FOR_RESOURCES, ACTIVE, ...)
 #   bash launch/tpu_vm.sh up                   # sync + install + data
 #   bash launch/tpu_vm.sh sync                 # copies this checkout's HEAD to ~/m2io_jax on every worker
-#   bash launch/tpu_vm.sh install              # launch/install.sh tpu on every worker (Python 3.11, jax[tpu])
+#   bash launch/tpu_vm.sh install              # launch/install.sh $INSTALL_EXTRAS on every worker (Python 3.11)
 #   bash launch/tpu_vm.sh data                 # gcloud storage rsync $DATA_GCS -> $DATA_DIR on every worker
 #   bash launch/tpu_vm.sh train                # python -m m2io_jax.train --workdir=$WORKDIR on every worker
 #   bash launch/tpu_vm.sh train-status         # worker 0's trainer: running, exit N, none or absent (no code)
@@ -63,7 +63,7 @@ sync_code() {
 }
 
 install_workers() {
-  on_workers all "cd $REMOTE_DIR && bash launch/install.sh tpu"
+  on_workers all "cd $REMOTE_DIR && bash launch/install.sh $INSTALL_EXTRAS"
 }
 
 copy_data() {

@@ -9,13 +9,13 @@ Settings, section `profile` of the training config (`get_profile_config`):
               "none"; on a device with no entry (CPU, GPU) "auto" logs no MFU and no roofline, and says so once
 
 The trace goes to `{workdir}/profile` (`jax.profiler.start_trace`: `plugins/profile/<time>/<host>.xplane.pb` and a
-`.trace.json.gz` per process; gs:// works), each traced step inside a `StepTraceAnnotation` named after its stage
-with its step number, which TensorBoard's profile plugin / XProf use to split the timeline into steps.
+`.trace.json.gz` per process; a gs:// workdir is written by the profiler itself, as MaxText's traces are; untested
+here), each traced step inside a `StepTraceAnnotation` named after its stage with its step number, which
+TensorBoard's profile plugin and XProf use to split the timeline into steps.
 
 Figures added to each step's metrics (`Profiler.figures`), from the step's own shapes (each prompt's length and
-images, the completions' mean length) and the trainer's time split. They are per process: its own batch
-(`grpo.batch_size` prompts per process) on its own chips (`jax.local_devices()`), which is the whole run's figure
-too, since every process runs the same programs on its share:
+images, the completions' mean length) and the trainer's time split. They are the whole run's: every process
+steps through the same global batch, sharded over all devices (`jax.devices()`, one per chip on a TPU VM):
   perf/flops                  analytic FLOPs of the step's device programs (`m2io_jax.flops`): GRPO: vision tower,
                               rollout (prefill + decode steps), reference and old log-probs where they run, the
                               update(s); SFT: vision tower and the update. Padding is not counted (each prompt at its
@@ -138,7 +138,7 @@ class Profiler:
         if config.num_steps < 0 or config.start_step < 1:
             raise ValueError(f"config profile.start_step={config.start_step}, num_steps={config.num_steps}; "
                              f"expected start_step >= 1 and num_steps >= 0 (0: no trace)")
-        devices = list(jax.local_devices() if devices is None else devices)
+        devices = list(jax.devices() if devices is None else devices)
         self.config = config
         self.directory = os.path.join(workdir, PROFILE_DIR)
         self.log = log

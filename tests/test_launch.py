@@ -118,6 +118,11 @@ def test_dry_run_up_and_train_run_on_every_worker():
             assert argv[-2:] == ZONE_AND_PROJECT and "m2io-test" in " ".join(argv), argv
 
 
+def test_dry_run_install_extras():
+    (install,) = ssh_commands(dry_run("tpu_vm.sh", "install", INSTALL_EXTRAS="tpu,demo"))
+    assert install == "cd m2io_jax && bash launch/install.sh tpu,demo"
+
+
 def test_dry_run_logs_and_delete():
     (logs,) = dry_run("tpu_vm.sh", "logs", WORKER="2")
     assert ssh_commands([logs], worker="2") == ["tail -n +1 -F m2io_jax/logs/train.log"]
