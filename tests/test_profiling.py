@@ -79,6 +79,16 @@ def test_a_failing_step_stops_the_trace_and_it_never_restarts(tmp_path):
     assert traced_steps(tmp_path) == [("grpo", 1), ("grpo", 2)]
 
 
+def test_closing_a_stage_before_the_window_keeps_the_window(tmp_path):
+    """The loop closes the profiler after each stage: the SFT stage's close leaves the GRPO window to come."""
+    profiler = profiling.Profiler(profile_config(stage="grpo", start_step=1, num_steps=1), str(tmp_path),
+                                  log=lambda _: None)
+    run_steps(profiler, "sft", [1, 2])
+    profiler.close()
+    run_steps(profiler, "grpo", [1, 2])
+    assert traced_steps(tmp_path) == [("grpo", 1)]
+
+
 def test_no_trace_by_default(tmp_path):
     profiler = profiling.Profiler(profiling.get_profile_config(), str(tmp_path), log=lambda _: None)
     run_steps(profiler, "grpo", [1, 2, 3])
