@@ -108,3 +108,114 @@ def test_cli_reports_a_malformed_predictions_file_in_one_line(data_dir, tmp_path
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [f"evaluate: error: {bad}:2: invalid JSON: Expecting value"]
+
+
+def _answer(question_id, text, image_map, timings, tokens, batch_size):
+    from m2io_jax import systems
+
+    return systems.SystemAnswer(question_id, text, [image_map[m] for m in metrics.image_markers(text)
+                                                    if m in image_map], image_map, timings, tokens, batch_size)
+
+
+def test_system_costs_are_per_question_shares_of_each_batch():
+    answers = [_answer(f"q{i}", "x", {}, {"retrieve": 0.2, "generate": 1.0, "insert": 0.8}, {"generate": 10 + i,
+                                                                                              "insert": 4}, 2)
+               for i in range(2)]
+    answers.append(_answer("q2", "x", {}, {"retrieve": 0.5, "generate": 2.5, "insert": 1.0}, {"generate": 30,
+                                                                                           "insert": 8}, 1))
+    costs = evaluate.system_costs(answers)  # shares: 1.0, 1.0, 4.0 seconds
+    assert costs["questions"] == 3 and costs["latency_p50"] == pytest.approx(1.0)
+    assert costs["latency_p95"] == pytest.approx(1.0 + 0.9 * 3.0)  # numpy's linear interpolation
+    assert costs["seconds/generate"] == pytest.approx((0.5 + 0.5 + 2.5) / 3)
+    assert costs["tokens/generate"] == pytest.approx(51 / 3) and costs["tokens/insert"] == pytest.approx(16 / 3)
+    table = evaluate.format_rows({"demo": costs}, evaluate.COST_COLUMNS)
+    assert table.splitlines()[1].split()[:4] == ["demo", "3", "1", "3.700"]
+
+
+def test_oracle_scores_are_the_trainers_held_out_metrics():
+    """`oracle_scores` reads an answer's text as the trainer's evaluation reads the completion it came from."""
+    from m2io_jax.inserter import evaluation, formats
+    from tests.inserter.demo_setup import demo_setup
+
+    setup = demo_setup()
+    examples, _ = setup.examples("validation")
+    completions = []
+    for i, prepared in enumerate(examples):
+        gold = list(prepared.example.gold_anchors or ())
+        if i % 3 == 1:  # reverse order, the first image before the first sentence
+            gold = [formats.Placement(p.image, -1 if k == 0 else p.sentence) for k, p in enumerate(reversed(gold))]
+        body = " ".join(f"<{p.image}>@{p.sentence + 1}" for p in gold)
+        if i % 3 == 2:
+            body += " <img9>@1"  # not a candidate: a wrong image
+        completions.append(f"{formats.ANSWER_OPEN}{body}{formats.ANSWER_CLOSE}")
+    expected = evaluation.score_completions(completions, examples, setup.config.inserter)
+    by_id = {q.id: q for q in setup.dataset.questions}
+    answers = []
+    for text, prepared in zip(completions, examples):
+        example = prepared.example
+        parsed = formats.parse_completion(text, output_format="anchors", think=False, answer=example.answer,
+                                          candidate_ids=example.candidate_ids)
+        answers.append(_answer(example.candidates.question_id, parsed.inline_text or example.answer,
+                               dict(example.candidates.image_map), {}, {}, 1))
+    got = evaluate.oracle_scores([by_id[a.question_id] for a in answers], answers, setup.config.inserter)
+    assert 0.2 < got["image_f1"] < 0.99 and 0.2 < got["placement_accuracy"] < 0.99  # not trivially 0 or 1
+    for name in evaluate.ORACLE_COLUMNS:
+        assert got[name] == pytest.approx(expected[name], abs=1e-12), name
+
+
+def _evaluate_cli(*args, timeout=900):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "m2io_jax.evaluate", *args], capture_output=True, text=True,
+                          check=False, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "nothing to do: give --predictions FILE --data DIR"),
+    (["--system=oracle-text"], "missing required flags: --workdir"),
+    (["--system=oracle-text", "--workdir=WORKDIR"], "config.json: no run config; train a run there with python -m "
+                                                    "m2io_jax.train"),
+    (["--predictions=x.jsonl", "--system=m2io"], "--predictions scores a file; --system / --ftii run a system"),
+])
+def test_cli_mistakes_are_one_line(tmp_path, args, message):
+    proc = _evaluate_cli(*(a.replace("WORKDIR", str(tmp_path)) for a in args), timeout=300)
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("evaluate: error: ") and message in proc.stderr
+
+
+@pytest.mark.slow
+def test_oracle_text_reproduces_the_trainers_eval_json_and_ftii_runs(tmp_path):
+    """A few-step tiny run, then `evaluate --system=oracle-text --split=validation` on its workdir: the inserter
+    metrics equal eval.json's "grpo" entry (same checkpoint, split, prompts and greedy decode); `--ftii` prints
+    the inserter's and the rule baseline's accuracy."""
+    import os
+
+    from m2io_jax import cli, train
+    from tests.test_train import CONFIGS, _shrink
+
+    config = _shrink(cli.load_config(os.path.join(CONFIGS, "tiny.py")))
+    config.eval.max_examples = 0  # the whole validation split, as evaluate runs it
+    workdir = str(tmp_path / "run")
+    trained = train.train(config, workdir)["grpo"]
+
+    output = tmp_path / "oracle.json"
+    proc = _evaluate_cli("--system=oracle-text", "--split=validation", f"--workdir={workdir}", f"--output={output}",
+                         "--config.bertscore.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "inserter on the gold text (as eval.json)" in proc.stdout and "latency_p50" in proc.stdout
+    written = json.loads(output.read_text())
+    (dataset,) = config.data.datasets
+    oracle = written["oracle"][dataset]
+    assert oracle["examples"] == trained["examples"] == 12
+    for name in ("image_precision", "image_recall", "image_f1", "ordering", "placement_accuracy",
+                 "placement_gold_images"):
+        assert oracle[name] == pytest.approx(trained[name], abs=1e-9), name
+    assert written["costs"][dataset]["tokens/insert"] > 0 and written["costs"][dataset]["tokens/generate"] == 0
+    predictions = os.path.join(workdir, "eval", "oracle-text_validation.jsonl")
+    assert len(open(predictions).read().splitlines()) == 12
+
+    proc = _evaluate_cli("--ftii", "--split=test", f"--workdir={workdir}", f"--output={tmp_path / 'ftii.json'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ftii_rows = json.loads((tmp_path / "ftii.json").read_text())["ftii"][dataset]
+    assert ftii_rows["inserter"]["slots"] == ftii_rows["rule"]["slots"] > 0
+    assert f"{dataset} m2io" in proc.stdout and f"{dataset} rule" in proc.stdout
