@@ -33,7 +33,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from m2io_jax import cli, models, sampling, train_config
+from m2io_jax.inserter.candidates import Candidates
 from m2io_jax.models import tiny
+from m2io_jax.retrieval.chunking import Chunk
 from m2io_jax.rl import config as rl_config
 
 TEXT, LLM = "text", "llm"
@@ -168,6 +170,18 @@ def prompt_messages(question: str, passages: Sequence[str],
         lines += [f"[{tag}_caption] {caption}" for tag, caption in images]
     lines += [f"Question: {question}", _TEXT_INSTRUCTION if images is None else _LLM_INSTRUCTION]
     return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def text_passages(chunks: Sequence[Chunk]) -> list[str]:
+    """The text mode's passages: the retrieved chunks' text without image markers, best first."""
+    return [chunk.plain_text for chunk in chunks]
+
+
+def llm_inputs(candidates: Candidates) -> tuple[list[str], list[tuple[str, str]]]:
+    """The llm mode's passages and images for one question: the candidates' contexts (`<imgN>` where their images
+    stand) and (id, caption) of each candidate image. The answer's `<imgN>` map to images via
+    `candidates.image_map`."""
+    return list(candidates.contexts), list(zip(candidates.image_map, candidates.captions))
 
 
 def checkpoint_path(config: ml_collections.ConfigDict, workdir: str, mode: str = TEXT) -> str:
