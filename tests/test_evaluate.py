@@ -219,3 +219,58 @@ def test_oracle_text_reproduces_the_trainers_eval_json_and_ftii_runs(tmp_path):
     ftii_rows = json.loads((tmp_path / "ftii.json").read_text())["ftii"][dataset]
     assert ftii_rows["inserter"]["slots"] == ftii_rows["rule"]["slots"] > 0
     assert f"{dataset} m2io" in proc.stdout and f"{dataset} rule" in proc.stdout
+
+
+def test_run_config_comes_from_the_workdir_or_from_a_run_config_file(tmp_path):
+    import os
+
+    from m2io_jax import cli
+    from m2io_jax.eval import config as eval_config
+    from tests.test_train import CONFIGS
+
+    tiny = cli.load_config(os.path.join(CONFIGS, "tiny.py"))
+    tiny.data.retrieval.top_k = 5
+    settings = eval_config.get_config()
+    settings.bertscore.enabled = False
+    with pytest.raises(Exception, match="no run config; train a run there"):
+        evaluate.split_config(settings, str(tmp_path))
+    (tmp_path / "config.json").write_text(tiny.to_json_best_effort())
+    run, got = evaluate.split_config(settings, str(tmp_path))
+    assert run.data.retrieval.top_k == 5 and got.bertscore.enabled is False
+    assert run.systems.batch_size == 16  # the systems section's defaults
+
+    tiny.judge = eval_config.get_config().judge
+    tiny.judge.enabled = True
+    run, got = evaluate.split_config(tiny, str(tmp_path / "elsewhere"))
+    assert run.data.retrieval.top_k == 5 and got.judge.enabled is True and got.bertscore.enabled is True
+    with pytest.raises(cli.UserError, match="--dataset=wit: not a dataset of the run"):
+        evaluate.run_datasets(run, str(tmp_path), ["wit"])
+
+
+def test_judge_rows_of_system_answers(tmp_path):
+    from m2io_jax.eval import config as eval_config
+    from m2io_jax.eval import judge as judge_lib
+    from m2io_jax.inserter import sources
+    from m2io_jax.models import tiny
+    from m2io_jax.train_config import get_config
+
+    data = get_config().data
+    data.datasets = ("demo_recipe",)
+    (dataset,) = sources.load_datasets(data, image_dir=str(tmp_path / "images"))
+    first, second = dataset.questions_of("test")[:2]
+    answers = [_answer(first.id, "Combine them.<img1> Then simmer.<img2>",
+                       {"img1": first.images[0], "img2": first.images[1]}, {}, {}, 1),
+               _answer(second.id, "It looks golden.", {}, {}, {}, 1)]
+    texts = [q.question for q in dataset.questions] + [d.content for d in dataset.documents.values()]
+    settings = eval_config.get_config().judge
+    settings.max_new_tokens = 6
+    judge = judge_lib.Judge.from_pretrained(tiny.build_tiny_checkpoint(tmp_path / "judge", texts, kind="qwen2",
+                                                                       vocab_size=500), settings)
+    row = evaluate.judge_scores(judge, dataset, [first, second], answers)
+    assert (row["questions"], row["no_image"]) == (2, 1)
+    requests = judge_lib.build_requests([judge_lib.judge_item(
+        first.id, first.question, answers[0].text, list(first.images[:2]),
+        {n: i.caption for n, i in dataset.images.items()}, judge_lib.image_contexts(dataset.documents))])
+    assert len(requests) == 2 + 2 + 1 + 1  # relevance and effectiveness per image, position, overall
+    assert all(value is None or 0.0 <= value <= 100.0 for value in (row[r] for r in judge_lib.RUBRICS))
+    assert row["unparsable/overall"] <= 2 and row["unparsable/relevance"] <= 2
