@@ -157,3 +157,24 @@ def test_key_block():
     assert decode.key_block(24, 8) == 8
     assert decode.key_block(40, 512) == 40
     assert decode.key_block(7) == 7  # no multiple of 8 divides it: one tile
+
+
+def test_kernels_run_per_shard_under_a_mesh(causal_case, decode_case):
+    """Under a mesh each device runs the kernels on its rows and key/value heads (`shard_map`)."""
+    from m2io_jax.sharding import make_mesh
+
+    q, k, v, segments, real = causal_case
+    dq, pk, pv, prefix_mask, sk, sv = decode_case
+    mesh = make_mesh({"fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+
+    def both(impl):
+        causal = attention.grouped_attention(q, k, v, segments, impl=impl)
+        step = attention.shared_prefix_decode(dq, pk, pv, prefix_mask, sk, sv, jnp.int32(1), jnp.int32(4), span=8,
+                                              impl=impl)
+        return jnp.where(real, causal, 0), step
+
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(lambda: both("pallas"))()
+        assert "shard_map" in str(jax.make_jaxpr(lambda: both("pallas"))())
+    for a, e in zip(sharded, both("xla")):
+        assert_close(a, e)
