@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.candidates.max_images = 6
     c.generator.top_k = 3
     c.generator.max_prompt_tokens = 512
-    c.generator.max_new_tokens = 128
+    c.generator.max_new_tokens = 96
     c.generator.batch_size = 16
     c.generator.buckets.prompt_lengths = (256, 512)
     c.print_every = 50
@@ -37,5 +37,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.sft.optimizer.warmup_steps = 20
     c.sft.optimizer.compute_dtype = "float32"
     c.rollout.prompt_lengths = (256, 512)
-    c.rollout.completion_lengths = (128,)
+    c.rollout.completion_lengths = (96,)
     return c

@@ -18,10 +18,10 @@ chat template is used, or the plain Qwen ChatML template (`CHAT_TEMPLATE`) when 
 
 This module also holds `get_config()`, the default config of `python -m m2io_jax.train_generator` (which
 trains the demo's tiny generators into `{workdir}/generator` and `{workdir}/generator_llm`), so that the
-command's defaults need no repository `configs/` folder.
+command's defaults need no repository `configs/` folder. `m2io_jax.cli` executes the default config's file as a
+module of its own, which is why this one has no `from __future__ import annotations` (dataclasses with string
+annotations need their module registered).
 """
-
-from __future__ import annotations
 
 import dataclasses
 import os
@@ -269,8 +269,9 @@ class Generator:
         self.stop_tokens = stop_token_ids(tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str, config: ml_collections.ConfigDict) -> "Generator":
-        """The model and tokenizer of the local Hugging Face directory `path` (Qwen2 family, tokenizer files)."""
+    def from_pretrained(cls, path: str, config: ml_collections.ConfigDict, *, mesh: Any = None) -> "Generator":
+        """The model and tokenizer of the local Hugging Face directory `path` (Qwen2 family, tokenizer files);
+        with `mesh` (`m2io_jax.sharding.make_mesh`), the parameters are loaded straight into their shards."""
         from transformers import AutoTokenizer
 
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -278,7 +279,7 @@ class Generator:
                                     f"directory with its tokenizer files)")
         if config.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"config.generator.dtype={config.dtype!r}: expected 'float32' or 'bfloat16'")
-        model = models.from_pretrained(path, dtype=jnp.dtype(config.dtype))
+        model = models.from_pretrained(path, dtype=jnp.dtype(config.dtype), mesh=mesh)
         return cls(model, AutoTokenizer.from_pretrained(path), config)
 
     def answer(self, questions: Sequence[str], passages: Sequence[Sequence[str]],

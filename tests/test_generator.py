@@ -96,3 +96,15 @@ def test_checkpoint_path_says_what_to_run(tmp_path, tiny_generator):
     config.checkpoint = str(tmp_path)
     with pytest.raises(cli.UserError, match="config.generator.checkpoint"):
         generator.checkpoint_path(config, str(tmp_path))
+
+
+def test_generator_on_a_mesh_answers_as_on_one_device(tiny_generator):
+    from m2io_jax import sharding
+
+    path, config = tiny_generator
+    questions, passages = ["How is the kettle cleaned?", "Which sights are there?"], [[TEXTS[0]], [TEXTS[2]]]
+    single = generator.Generator.from_pretrained(path, config).answer(questions, passages)
+    mesh = sharding.make_mesh({"fsdp": -1})
+    sharded = generator.Generator.from_pretrained(path, config, mesh=mesh)
+    assert len(sharded.model.embed_tokens[...].sharding.device_set) == 8
+    assert sharded.answer(questions, passages) == single

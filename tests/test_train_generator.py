@@ -98,7 +98,7 @@ def test_training_examples_match_the_answer_path(tmp_path):
 
 
 def test_unknown_mode_is_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "m2io_jax.train_generator",
-                           f"--config={ROOT}/configs/demo_generator.py", f"--workdir={tmp_path}",
+    """Also reads the package default config (no --config)."""
+    proc = subprocess.run([sys.executable, "-m", "m2io_jax.train_generator", f"--workdir={tmp_path}",
                            "--config.modes=('text','nope')"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 1 and "config.modes" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
