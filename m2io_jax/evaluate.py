@@ -391,11 +391,11 @@ def run_ftii(run: ml_collections.ConfigDict, settings: ml_collections.ConfigDict
     threshold = ftii_rule_threshold(run, workdir)
     out = {}
     for dataset in chosen:
-        problems = ftii.build_problems(dataset, split, settings.ftii, run.inserter.shuffle_seed)
+        problems, prompts = ftii.fit_prompts(dataset, split, settings.ftii, run.inserter.shuffle_seed,
+                                             processor=inserter.processor, inserter=run.inserter,
+                                             max_prompt_tokens=run.pipeline.max_prompt_tokens)
         if not problems:
             raise cli.UserError(f"dataset {dataset.name}: no document of split {split!r} has an image")
-        prompts = [ftii.prompt_example(p, dataset.images, inserter.processor, run.inserter,
-                                       run.pipeline.max_prompt_tokens) for p in problems]
         placed = [None if result is None else ftii.placements_of(result[0]) for result in inserter(prompts)]
         rule = [ftii.rule_placements(p, encoder, threshold) for p in problems]
         out[dataset.name] = {"inserter": ftii.score(problems, placed), "rule": ftii.score(problems, rule),

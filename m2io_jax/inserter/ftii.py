@@ -5,7 +5,8 @@ image follows. We build the same problem from MRAMG-format step-by-step document
 `demo_manual`, MRAMG-Bench's `recipe` and `manual`): a document's text is cut at its `<PIC>` markers, so each
 paragraph is the text up to an image and its gold images are those written right after it (text after the
 last image is a paragraph without image). A document with more than `max_images` images becomes several
-problems, windows of consecutive paragraphs holding at most `max_images` images each.
+problems, windows of consecutive paragraphs holding at most `max_images` images each; when a window's prompt
+exceeds the inserter's prompt budget, the document is cut into smaller windows until each fits (`fit_prompts`).
 
 The problem is posed as the inserter's own task (`FtiiProblem.example`: an `InsertionExample` whose answer is
 the window's paragraphs, one per line, and whose candidates are the window's images, shuffled per problem by
@@ -161,10 +162,36 @@ def build_problems(dataset: SplitDataset, split: str, settings: ml_collections.C
                    shuffle_seed: int) -> list[FtiiProblem]:
     """Every problem of the documents of `split` (`settings`: the `ftii` section, max_images and max_problems),
     candidates shuffled with `shuffle_seed` (the inserter config's)."""
-    problems = [build_problem(document, first, parts, dataset.images, shuffle_seed)
-                for document in split_documents(dataset, split)
-                for first, parts in windows(paragraphs(document), settings.max_images)]
+    problems = [problem for document in split_documents(dataset, split)
+                for problem in document_problems(document, dataset.images, settings.max_images, shuffle_seed)]
     return problems[:settings.max_problems or None]
+
+
+def document_problems(document: mramg.Document, images: Mapping[str, mramg.ImageInfo], max_images: int,
+                      shuffle_seed: int) -> list[FtiiProblem]:
+    """The problems of one document: its windows of at most `max_images` images."""
+    return [build_problem(document, first, parts, images, shuffle_seed)
+            for first, parts in windows(paragraphs(document), max_images)]
+
+
+def fit_prompts(dataset: SplitDataset, split: str, settings: ml_collections.ConfigDict, shuffle_seed: int, *,
+                processor: Any, inserter: ml_collections.ConfigDict,
+                max_prompt_tokens: int) -> tuple[list[FtiiProblem], list[PromptExample | None]]:
+    """The problems of `split` and their prompts within `max_prompt_tokens`: a document with a window over the
+    budget is cut into smaller windows (fewer images each, down to one) until every window fits; a window of
+    one image that does not fit keeps a None prompt (`score` counts it in `over_budget`)."""
+    problems: list[FtiiProblem] = []
+    prompts: list[PromptExample | None] = []
+    for document in split_documents(dataset, split):
+        for max_images in range(settings.max_images, 0, -1):
+            found = document_problems(document, dataset.images, max_images, shuffle_seed)
+            made = [prompt_example(p, dataset.images, processor, inserter, max_prompt_tokens) for p in found]
+            if all(m is not None for m in made) or max_images == 1:
+                break
+        problems += found
+        prompts += made
+    keep = settings.max_problems or None
+    return problems[:keep], prompts[:keep]
 
 
 def prompt_example(problem: FtiiProblem, images: Mapping[str, mramg.ImageInfo], processor: Any,

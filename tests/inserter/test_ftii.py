@@ -119,3 +119,22 @@ def test_tiny_inserter_answers_ftii_prompts(setup):
         placed.append(ftii.placements_of(parsed.inline_text))
     scores = ftii.score(problems, placed)
     assert scores["problems"] == 3 and 0.0 <= scores["accuracy"] <= 1.0
+
+
+def test_fit_prompts_cuts_documents_into_smaller_windows_under_the_budget(setup):
+    inserter = setup.config.inserter
+    settings = _settings()
+    roomy, roomy_prompts = ftii.fit_prompts(setup.dataset, "test", settings, 0, processor=setup.processor,
+                                            inserter=inserter, max_prompt_tokens=4096)
+    assert [p.problem_id for p in roomy] == [p.problem_id for p in ftii.build_problems(setup.dataset, "test",
+                                                                                       settings, 0)]
+    assert all(p is not None for p in roomy_prompts)
+    budget = sorted(len(p.prompt_ids) for p in roomy_prompts)[len(roomy_prompts) // 2]  # half the windows over it
+    tight, tight_prompts = ftii.fit_prompts(setup.dataset, "test", settings, 0, processor=setup.processor,
+                                            inserter=inserter, max_prompt_tokens=budget)
+    assert len(tight) > len(roomy) and all(len(p.prompt_ids) <= budget for p in tight_prompts)
+    slots = sum(sum(len(g) for g in p.gold) for p in tight)
+    assert slots == sum(sum(len(g) for g in p.gold) for p in roomy)  # every image still has its slot
+    none, none_prompts = ftii.fit_prompts(setup.dataset, "test", settings, 0, processor=setup.processor,
+                                          inserter=inserter, max_prompt_tokens=10)
+    assert all(p is None for p in none_prompts) and all(sum(len(g) for g in p.gold) == 1 for p in none)
