@@ -1,6 +1,6 @@
 """GRPO step throughput: m2io_jax's `rl.Trainer` against tunix's `GRPOLearner`.
 
-    python -m m2io_jax.bench.grpo [--size=40m] [--workloads=1024x128,128x128] [--steps=3] [--skip_peer]
+    python -m m2io_jax.bench.grpo [--size=40m] [--workloads=1024x128,128x128] [--steps=3] [--sides=m2io_jax,tunix]
 
 The random Qwen2 of `m2io_jax.bench.sampler` (`--size`, `--workloads` and `--samples` are that module's flags)
 is written once as a Hugging Face safetensors checkpoint and loaded by both sides, float32, on the same CPU
@@ -21,15 +21,22 @@ text, which here is the ids separated by spaces).
   keep those logits under `--logits_gib`; our update runs in micro-batches of the same size
   (`rollout.micro_batch_prompts`), so that neither side holds a whole batch's activations on this 23 GB machine.
 
+Memory: every side of every workload (and the checkpoint writer, which imports torch) runs in a fresh process
+of its own, one at a time, so that no side's arrays, compiled programs or allocator pages are resident while the
+other runs; the peak resident memory of a run is the largest single side's, which the table and the JSON report
+(`peak_rss_gib`, the child's maximum resident set). `--sides` runs one side only (no ratio then).
+
 The first `--warmup_steps` steps (compilation) are excluded; figures are medians over `--steps` timed steps.
 Each step draws fresh prompts (the same on both sides). The last line is one JSON object with, per workload,
-`ratio_<P>x<N>` (m2io_jax steps/s over tunix's), both sides' steps/s and our time split.
+`ratio_<P>x<N>` (m2io_jax steps/s over tunix's, when both sides ran), both sides' steps/s, time splits and
+peak resident memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -46,7 +53,8 @@ from m2io_jax.bench.sampler import NUM_PROMPTS, SIZES, Workload
 _STEPS = flags.DEFINE_integer("steps", 3, "timed GRPO steps per side and workload")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 2, "untimed steps first (compilation; our optimizer update "
                                      "compiles again at the second step)")
-_SKIP_PEER = flags.DEFINE_bool("skip_peer", False, "time m2io_jax only")
+_SIDES = flags.DEFINE_multi_enum("sides", ["m2io_jax", "tunix"], ["m2io_jax", "tunix"],
+                                  "sides to time, each in its own process (the ratio needs both)")
 _LOGITS_GIB = flags.DEFINE_float("logits_gib", 1.5, "largest tunix micro-batch logits, GiB (sets both sides' "
                                   "update micro-batch)")
 
@@ -55,6 +63,7 @@ EPSILON = 0.2
 LEARNING_RATE = 1e-6
 REWARD_MODULUS = 4
 SPLIT = ("rollout", "reward", "logprobs", "update")
+SIDES = ("m2io_jax", "tunix")
 
 
 def reward_of(token_ids: Sequence[int]) -> float:
@@ -93,13 +102,15 @@ def trainer_config(w: Workload, micro_prompts: int = 0):
 
 @dataclasses.dataclass
 class SideResult:
-    """Per-step wall times (warm-up included), the time split per step, every reward computed and the programs
-    compiled so far after each step (m2io_jax only: tunix does not count them)."""
+    """Per-step wall times (warm-up included), the time split per step, every reward computed, the programs
+    compiled so far after each step (m2io_jax only: tunix does not count them) and the peak resident memory of
+    the process that ran the side (GiB; 0 until `run_isolated` fills it)."""
 
     step_seconds: list[float]
     split: list[dict[str, float]]
     rewards: list[float]
     compiled: list[float] | None = None
+    peak_rss_gib: float = 0.0
 
     def compiles_in_timed_steps(self, warmup: int) -> int:
         """Programs compiled during the timed steps (0 for a steady-state measurement)."""
@@ -233,45 +244,104 @@ def run_tunix(directory: str, shape: dict, w: Workload, total_steps: int, micro_
     return SideResult(seconds, clock.split, rewards)
 
 
+RUNNERS: dict[str, Callable[..., SideResult]] = {"m2io_jax": run_m2io, "tunix": run_tunix}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set so far, GiB: VmHWM of /proc/self/status (the pages of this program
+    image only, unlike ru_maxrss, which also counts the parent's pages a spawned child held before its exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line; expected Linux")
+
+
+def _child(connection, fn: Callable, args: tuple) -> None:
+    """Body of a fresh process: sends back fn(*args) (a SideResult gets the process's peak resident memory)."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # tunix logs every prompt of every step at INFO
+    result = fn(*args)
+    if isinstance(result, SideResult):
+        result.peak_rss_gib = peak_rss_gib()
+    connection.send(result)
+    connection.close()
+
+
+def run_isolated(what: str, fn: Callable, *args: Any) -> Any:
+    """fn(*args) in a fresh (spawned) process, waiting for it: its memory is returned to the system when it exits,
+    so successive sides never share a process. Raises naming `what` when the process fails."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding jax's threads
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(sender, fn, args), name=what)
+    process.start()
+    sender.close()
+    try:
+        result = receiver.recv()
+    except EOFError:
+        result = None
+    process.join()
+    if process.exitcode != 0 or result is None:
+        killed = " (killed by SIGKILL: out of memory?)" if process.exitcode == -9 else " (traceback above)"
+        raise RuntimeError(f"{what}: its process exited with code {process.exitcode}{killed}")
+    return result
+
+
+def write_checkpoint(shape: dict, directory: str, max_length: int) -> int:
+    """Writes the random checkpoint of `shape` (`bench_sampler.write_checkpoint`); returns its parameter count."""
+    torch_model = bench_sampler.write_checkpoint(shape, directory, max_length)
+    return sum(p.numel() for p in torch_model.parameters())
+
+
 def _finite_rewards(name: str, result: SideResult, expected: int) -> None:
     if len(result.rewards) != expected or not all(0.0 <= r <= 1.0 for r in result.rewards):
         raise RuntimeError(f"{name}: {len(result.rewards)} rewards (expected {expected}), range "
                            f"[{min(result.rewards, default=np.nan)}, {max(result.rewards, default=np.nan)}]")
 
 
-def run_workload(directory: str, size: str, w: Workload, *, steps: int, warmup: int, peer: bool,
+def run_workload(directory: str, size: str, w: Workload, *, steps: int, warmup: int, sides: Sequence[str],
                  logits_gib: float) -> dict[str, Any]:
-    """Both sides on workload `w`; prints its table and returns its figures."""
+    """`sides` on workload `w`, each in its own process (`run_isolated`); prints its table and returns its
+    figures."""
     shape = SIZES[size]
     total = warmup + steps
     micro = micro_batch_prompts(shape, w, logits_gib)
-    sides = {"m2io_jax": run_m2io(directory, shape, w, total, micro)}
-    if peer:
-        sides["tunix"] = run_tunix(directory, shape, w, total, micro)
+    sides = {name: run_isolated(f"{name} side of {w}", RUNNERS[name], directory, shape, w, total, micro)
+             for name in sides}
     for name, result in sides.items():
         _finite_rewards(name, result, total * NUM_PROMPTS * w.samples)
     print(f"\n{size} model, prompt {w.prompt} + {w.new} new, {NUM_PROMPTS} prompts x G={w.samples}, beta {BETA}; "
           f"median of {steps} steps after {warmup} warm-up"
           + f"; update micro-batches of {micro} prompts", flush=True)
-    print(f"  {'side':10s} {'s/step':>8s} {'steps/s':>8s} " + " ".join(f"{k:>9s}" for k in SPLIT))
+    print(f"  {'side':10s} {'s/step':>8s} {'steps/s':>8s} " + " ".join(f"{k:>9s}" for k in SPLIT)
+          + f" {'peak GiB':>9s}")
     for name, result in sides.items():
         split = result.median_split(warmup)
         print(f"  {name:10s} {statistics.median(result.timed(warmup)):8.2f} {result.steps_per_second(warmup):8.4f} "
-              + " ".join(f"{split[k]:9.2f}" for k in SPLIT), flush=True)
+              + " ".join(f"{split[k]:9.2f}" for k in SPLIT) + f" {result.peak_rss_gib:9.2f}", flush=True)
     out: dict[str, Any] = {
         "workload": str(w),
         "steps_per_s": {k: round(r.steps_per_second(warmup), 5) for k, r in sides.items()},
         "time_split_s": {k: {s: round(v, 3) for s, v in r.median_split(warmup).items()} for k, r in sides.items()},
         "steps": {k: len(r.step_seconds) for k, r in sides.items()},
         "reward_range": {k: [min(r.rewards), max(r.rewards)] for k, r in sides.items()},
-        "m2io_jax_compiles_in_timed_steps": sides["m2io_jax"].compiles_in_timed_steps(warmup),
+        "peak_rss_gib": {k: round(r.peak_rss_gib, 2) for k, r in sides.items()},
         "micro_batch_prompts": micro,
     }
-    if peer:
+    if "m2io_jax" in sides:
+        out["m2io_jax_compiles_in_timed_steps"] = sides["m2io_jax"].compiles_in_timed_steps(warmup)
+    if len(sides) == len(SIDES):
         ratio = sides["m2io_jax"].steps_per_second(warmup) / sides["tunix"].steps_per_second(warmup)
         out["ratio"] = round(ratio, 3)
         print(f"  m2io_jax / tunix: {ratio:.2f}x")
     return out
+
+
+def _devices() -> str:
+    import jax
+
+    return f"{jax.devices()}; jax {jax.__version__}"
 
 
 def main(argv: Sequence[str]) -> None:
@@ -281,21 +351,17 @@ def main(argv: Sequence[str]) -> None:
     if _STEPS.value < 1 or _WARMUP_STEPS.value < 0:
         raise cli.UserError(f"--steps={_STEPS.value} must be >= 1 and --warmup_steps={_WARMUP_STEPS.value} >= 0")
 
-    import jax
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)  # tunix logs every prompt of every step at INFO
-    print(f"devices: {jax.devices()}; jax {jax.__version__}", flush=True)
+    sides = [name for name in SIDES if name in _SIDES.value]
+    print(f"devices: {run_isolated('device query', _devices)}", flush=True)
     max_length = max(4096, max(w.prompt + w.new for w in workloads))
     results = []
     with tempfile.TemporaryDirectory() as directory:
-        torch_model = bench_sampler.write_checkpoint(SIZES[size], directory, max_length)
-        n_params = sum(p.numel() for p in torch_model.parameters())
-        del torch_model
-        print(f"model {size}: {n_params / 1e6:.1f}M parameters (tied embeddings), float32")
+        n_params = run_isolated("checkpoint writer", write_checkpoint, SIZES[size], directory, max_length)
+        print(f"model {size}: {n_params / 1e6:.1f}M parameters (tied embeddings), float32; sides {sides}, each in "
+              "its own process", flush=True)
         for w in workloads:
             results.append(run_workload(directory, size, w, steps=_STEPS.value, warmup=_WARMUP_STEPS.value,
-                                        peer=not _SKIP_PEER.value, logits_gib=_LOGITS_GIB.value))
+                                        sides=sides, logits_gib=_LOGITS_GIB.value))
     summary: dict[str, Any] = {"size": size}
     for r in results:
         key = r["workload"].replace("+", "x")
