@@ -1,4 +1,4 @@
-r"""Scores multimodal answers against MRAMG-format data and prints the MRAMG statistical-metric table.
+r"""Evaluates multimodal answers on MRAMG-format data: runs a system over a split or scores a predictions file.
 
 Three modes:
 
