@@ -45,13 +45,13 @@ IMAGE_GRID = (1, 32, 32)
 """448 x 448 pixels in 14-pixel patches: 1024 patches, 256 vision tokens (inserter_3b's max_pixels)."""
 
 
-def _inserter_3b() -> ml_collections.ConfigDict:
-    """`get_config()` of configs/inserter_3b.py (configs/ is not a package: loaded by path)."""
+def _inserter_3b(checkpoint: str) -> ml_collections.ConfigDict:
+    """`get_config(checkpoint)` of configs/inserter_3b.py (configs/ is not a package: loaded by path)."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inserter_3b.py")
     spec = importlib.util.spec_from_file_location("inserter_3b_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(checkpoint)
 
 
 def _tpu(topology: str, chips_per_host_bounds: tuple[int, ...], model: dict, program: str,
@@ -72,12 +72,14 @@ def _tpu(topology: str, chips_per_host_bounds: tuple[int, ...], model: dict, pro
 
 def inserter_grpo(topology: str, *, chips_per_host_bounds: tuple[int, ...] = (), mesh: dict,
                   batch_size: int, micro_batch_prompts: int, lora_rank: int = 0, remat: str = "full",
-                  prompt_length: int = 8192, images_per_prompt: int = 20) -> ml_collections.ConfigDict:
+                  prompt_length: int = 8192, images_per_prompt: int = 20,
+                  checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.ConfigDict:
     """configs/inserter_3b.py (G = 8, beta 0.04, 512 new tokens, vision tower at a tenth of the learning rate)
     sized for a slice: its mesh, prompts per host per step, the update's micro-batch, LoRA rank (0: full
     fine-tuning), bfloat16 compute with float32 master weights, remat of decoder and tower, prompt buckets up to
-    `prompt_length` (compiled at the largest, with `images_per_prompt` 448-px images each)."""
-    c = _inserter_3b()
+    `prompt_length` (compiled at the largest, with `images_per_prompt` 448-px images each). `checkpoint`: the
+    local Hugging Face directory training loads (the compile report needs none)."""
+    c = _inserter_3b(checkpoint)
     c.mesh = mesh
     c.grpo.batch_size = batch_size
     c.rollout.micro_batch_prompts = micro_batch_prompts

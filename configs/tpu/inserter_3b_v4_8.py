@@ -23,5 +23,6 @@ def _base():
     return module
 
 
-def get_config() -> ml_collections.ConfigDict:
-    return _base().inserter_grpo("v4:2x2x1", mesh={"fsdp": 4}, batch_size=8, micro_batch_prompts=4)
+def get_config(checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.ConfigDict:
+    return _base().inserter_grpo("v4:2x2x1", mesh={"fsdp": 4}, batch_size=8, micro_batch_prompts=4,
+                                 checkpoint=checkpoint)

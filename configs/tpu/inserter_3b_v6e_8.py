@@ -22,6 +22,6 @@ def _base():
     return module
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.ConfigDict:
     return _base().inserter_grpo("v6e:2x4", chips_per_host_bounds=(2, 4, 1), mesh={"fsdp": 8}, batch_size=16,
-                                 micro_batch_prompts=8)
+                                 micro_batch_prompts=8, checkpoint=checkpoint)

@@ -19,9 +19,10 @@ Printed, per device: resident state (parameters, optimizer, gradient accumulator
 weight copy, KV cache; from the arguments' and outputs' shard shapes) and each program's temporaries
 (`memory_analysis`) against the chip's HBM (`fit.decide`); per program the compile time, FLOPs three ways
 (XLA `cost_analysis`, which counts a loop body once; the trip-count-aware matmul count of the optimised HLO,
-`hlo_costs`; the analytic count of `m2io_jax.flops`), XLA's `optimal_seconds`, the step time it implies for the
-whole program (`optimal_seconds` scaled by the HLO count over XLA's: the rate XLA estimates for the ops it
-counted, applied to all of them) and the MFU that time gives the analytic FLOPs; the GRPO update (all
+`hlo_costs`; the analytic count of `m2io_jax.flops`), XLA's `optimal_seconds` as reported (it covers one pass
+of each loop body, and libtpu 0.0.42 returns negative values for the 3B programs), the estimated time (the
+roofline of the optimised HLO: every op at max(FLOPs / peak, HBM bytes / bandwidth), loops times their trip
+counts, communication left out) and the MFU that time gives the analytic FLOPs; the GRPO update (all
 micro-batches plus apply_gradients) as one figure; the decode step's estimated time against its HBM roofline
 (the bytes a step must read: its share of the sampler's weights and of the KV cache, over the chip's
 bandwidth); the collectives of each optimised HLO. Exits 1 when resident state plus the largest temporaries
@@ -80,10 +81,9 @@ class Compiled:
 
     @property
     def estimated_seconds(self) -> float:
-        """XLA's `optimal_seconds` scaled to all the program's matmuls (its loop bodies counted once)."""
-        if self.xla_flops <= 0:
-            return self.optimal_seconds
-        return self.optimal_seconds * max(self.hlo.flops, self.xla_flops) / self.xla_flops
+        """The roofline time of the optimised HLO (`hlo_costs`: every op at max(FLOPs / peak, bytes / bandwidth),
+        loops times their trip counts)."""
+        return self.hlo.seconds
 
 
 def _say(text: str) -> None:
@@ -158,8 +158,8 @@ def _output_bytes(compiled: Any) -> int:
 
 
 def compile_program(name: str, jitted: Any, args: Sequence[Any], analytic_flops: float, dump_dir: str | None,
-                    static: Sequence[Any] = ()) -> Compiled:
-    """Lowers and compiles `jitted(*static, *args)` and reads its memory, costs and HLO."""
+                    chip: chips.Chip, static: Sequence[Any] = ()) -> Compiled:
+    """Lowers and compiles `jitted(*static, *args)` and reads its memory, costs and HLO (timed on `chip`)."""
     start = time.perf_counter()
     executable = jitted.lower(*static, *args).compile()
     seconds = time.perf_counter() - start
@@ -175,7 +175,8 @@ def compile_program(name: str, jitted: Any, args: Sequence[Any], analytic_flops:
                       temp_bytes=0 if memory is None else int(memory.temp_size_in_bytes),
                       xla_flops=float(costs.get("flops", 0.0)),
                       optimal_seconds=float(costs.get("optimal_seconds", 0.0)),
-                      hlo=hlo_costs.analyse(text), analytic_flops=analytic_flops, executable=executable)
+                      hlo=hlo_costs.analyse(text, chip.peak_flops_per_device(), chip.hbm_bandwidth_per_device()),
+                      analytic_flops=analytic_flops, executable=executable)
     _say(f"  compiled {name} in {seconds:.1f} s")
     return result
 
@@ -241,14 +242,14 @@ def report(config: ml_collections.ConfigDict, dump_dir: str | None = None) -> di
     work = workload(config, model_cfg, processes, mesh)
     with jax.set_mesh(mesh):
         if tpu.program == "grpo":
-            resident, programs = _grpo_programs(config, model, model_cfg, work, mesh, dump_dir)
+            resident, programs = _grpo_programs(config, model, model_cfg, work, mesh, dump_dir, chip)
         else:
-            resident, programs = _sample_programs(model, model_cfg, work, mesh, dump_dir)
+            resident, programs = _sample_programs(model, model_cfg, work, mesh, dump_dir, chip)
     return _summarise(config, chip, mesh, model_cfg, work, resident, programs, capacity)
 
 
 def _sampler_programs(model: nnx.Module, model_cfg: Any, work: Workload, mesh: jax.sharding.Mesh,
-                      params: nnx.State, inputs: Any, features: Any, dump_dir: str | None,
+                      params: nnx.State, inputs: Any, features: Any, dump_dir: str | None, chip: chips.Chip,
                       ) -> tuple[dict[str, int], list[Compiled]]:
     """The sampler's prefill and decode loop (and one decode step) on `params` in its weight layout."""
     graphdef = nnx.graphdef(model)
@@ -260,27 +261,28 @@ def _sampler_programs(model: nnx.Module, model_cfg: Any, work: Workload, mesh: j
     seed = _replicated(np.uint32(0), mesh)
     with shd.use_rules(sampling_rules()):
         prefill = compile_program("rollout_prefill", prefill_jit, (params, inputs, *per_row, stops, seed, features),
-                                  flops.prefill(model_cfg, r, p).total / devices, dump_dir, static=(program,))
+                                  flops.prefill(model_cfg, r, p).total / devices, dump_dir, chip, static=(program,))
         prefix, state = prefill.executable.out_info
         prefix_s, state_s = prefill.executable.output_shardings
         prefix, state = _with_sharding(prefix, prefix_s), _with_sharding(state, state_s)
         rollout = flops.rollout(model_cfg, r, g, p, n)
         decode = compile_program("rollout_decode", decode_jit, (params, prefix, stops, state),
                                  (rollout.total - flops.prefill(model_cfg, r, p).total) / devices, dump_dir,
-                                 static=(program,))
+                                 chip, static=(program,))
 
         def one_step(params, tokens, prefix, suffix):
             return nnx.merge(graphdef, params).decode_step(tokens, prefix, suffix, jnp.int32(n - 1), span=n)
 
         tokens = _rows((r, g), jnp.int32, mesh)
         step = compile_program("decode_step", jax.jit(one_step), (params, tokens, prefix, state.suffix),
-                               flops.decode_step(model_cfg, r, g, p, n).total / devices, dump_dir)
+                               flops.decode_step(model_cfg, r, g, p, n).total / devices, dump_dir, chip)
     kv = _bytes_of(prefix.k) + _bytes_of(prefix.v) + _bytes_of(state.suffix.k) + _bytes_of(state.suffix.v)
     return {"KV cache": kv}, [prefill, decode, step]
 
 
 def _grpo_programs(config: ml_collections.ConfigDict, model: nnx.Module, model_cfg: Any, work: Workload,
-                   mesh: jax.sharding.Mesh, dump_dir: str | None) -> tuple[dict[str, int], list[Compiled]]:
+                   mesh: jax.sharding.Mesh, dump_dir: str | None, chip: chips.Chip,
+                   ) -> tuple[dict[str, int], list[Compiled]]:
     """The GRPO step's programs with the trainer's arguments (`rl.trainer.Trainer`, `rl.steps`)."""
     grpo_config = ml_collections.ConfigDict(config.grpo.to_dict())
     if grpo_config.max_completion_length is None:
@@ -319,10 +321,11 @@ def _grpo_programs(config: ml_collections.ConfigDict, model: nnx.Module, model_c
     if inputs.vision is not None:
         vision = compile_program("encode_vision", steps.encode_vision, (params, inputs),
                                  flops.vision_forward(model_cfg.vision, work.grids).total / devices, dump_dir,
-                                 static=(spec,))
+                                 chip, static=(spec,))
         programs.append(vision)
         features = _with_sharding(vision.executable.out_info, vision.executable.output_shardings)
-    kv, sampler = _sampler_programs(model, model_cfg, work, mesh, sampler_params, inputs, features, dump_dir)
+    kv, sampler = _sampler_programs(model, model_cfg, work, mesh, sampler_params, inputs, features, dump_dir,
+                                   chip)
     resident.update(kv)
     programs += sampler
 
@@ -331,7 +334,7 @@ def _grpo_programs(config: ml_collections.ConfigDict, model: nnx.Module, model_c
     if grpo_config.beta != 0.0:
         reference, program = (params, steps.reference_logprobs) if adapters else (compute, steps.logprobs)
         programs.append(compile_program("reference_logprobs", program, (reference, inputs, features, completions),
-                                        forward, dump_dir, static=(spec,)))
+                                        forward, dump_dir, chip, static=(spec,)))
 
     micro_inputs = prepared_inputs(model, work, m, mesh)
     logp = _replicated(np.zeros((m, g, n), np.float32), mesh)
@@ -344,19 +347,19 @@ def _grpo_programs(config: ml_collections.ConfigDict, model: nnx.Module, model_c
     update = flops.grpo_update(model_cfg, m, g, p, n, lora=adapters, train_vision=spec.train_vision,
                                grids=work.grids_of(m))
     programs.append(compile_program("grpo_gradients", steps.grpo_gradients, (params, batch, accumulated),
-                                    update.total / devices, dump_dir, static=(spec,)))
+                                    update.total / devices, dump_dir, chip, static=(spec,)))
     programs.append(compile_program("apply_gradients", steps.apply_gradients, (params, opt_state, accumulated),
-                                    0.0, dump_dir, static=(spec,)))
+                                    0.0, dump_dir, chip, static=(spec,)))
     return resident, programs
 
 
 def _sample_programs(model: nnx.Module, model_cfg: Any, work: Workload, mesh: jax.sharding.Mesh,
-                     dump_dir: str | None) -> tuple[dict[str, int], list[Compiled]]:
+                     dump_dir: str | None, chip: chips.Chip) -> tuple[dict[str, int], list[Compiled]]:
     """Serving: the model's weights in the sampler's layout, prefill, decode loop and one decode step."""
     _, state = nnx.split(model)
     params = _with_sharding(state, shd.state_shardings(state, mesh, sampling_rules()))
     inputs = prepared_inputs(model, work, work.rows, mesh)
-    kv, programs = _sampler_programs(model, model_cfg, work, mesh, params, inputs, None, dump_dir)
+    kv, programs = _sampler_programs(model, model_cfg, work, mesh, params, inputs, None, dump_dir, chip)
     return {"parameters": _bytes_of(params), **kv}, programs
 
 
@@ -379,7 +382,7 @@ def _summarise(config: ml_collections.ConfigDict, chip: chips.Chip, mesh: jax.sh
     _say(f"  {'total':<22} {sum(resident.values()) / gib:8.2f} GiB")
     _say("\nper program (per device):")
     _say(f"  {'program':<20} {'compile s':>9} {'temp GiB':>9} {'XLA TFLOP':>10} {'HLO TFLOP':>10} "
-         f"{'analytic':>10} {'XLA est s':>10} {'scaled s':>10} {'MFU':>6}  collectives (executed)")
+         f"{'analytic':>10} {'XLA opt s':>10} {'HLO est s':>10} {'MFU':>6}  collectives (executed)")
     figures = {}
     for c in programs:
         mfu = c.analytic_flops / (c.estimated_seconds * peak) if c.estimated_seconds > 0 and c.analytic_flops else 0.0
@@ -411,14 +414,14 @@ def _summarise(config: ml_collections.ConfigDict, chip: chips.Chip, mesh: jax.sh
                          "analytic_flops": update_flops, "hlo_flops": hlo_update,
                          "analytic_over_hlo": update_flops / hlo_update if hlo_update else None,
                          "mfu": update_flops / (update_seconds * peak) if update_seconds else None}
-        _say(f"\nGRPO update ({micro_batches} micro-batch(es) + apply_gradients): XLA-estimated "
+        _say(f"\nGRPO update ({micro_batches} micro-batch(es) + apply_gradients): estimated "
              f"{update_seconds:.3f} s per step, MFU {out['update']['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s per "
              f"device; analytic / HLO FLOPs {out['update']['analytic_over_hlo']:.3f}")
     step = by_name["decode_step"]
     roofline = decode_roofline_seconds(resident, chip)
     out["decode_step"] = {"estimated_seconds": step.estimated_seconds, "roofline_seconds": roofline,
                           "fraction_of_roofline": roofline / step.estimated_seconds if step.estimated_seconds else None}
-    _say(f"decode step: XLA-estimated {step.estimated_seconds * 1e3:.2f} ms, HBM roofline {roofline * 1e3:.2f} ms "
+    _say(f"decode step: estimated {step.estimated_seconds * 1e3:.2f} ms, HBM roofline {roofline * 1e3:.2f} ms "
          f"(weights + KV cache per device at {chip.hbm_bandwidth / 1e9:.0f} GB/s): "
          f"{out['decode_step']['fraction_of_roofline']:.1%} of the roofline")
     _say(verdict.message)

@@ -34,6 +34,10 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 _ARRAY = re.compile(r"^[a-z0-9]+\[([\d,]*)\]")
 _OPERAND = re.compile(r"%([\w.\-]+)")
+_ARRAYS = re.compile(r"\b(pred|[sufc]\d+|bf16|f8\w*)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "bf16": 2}
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Instruction:
     shape: tuple[int, ...] | None  # None for tuples and tokens
     opcode: str
     rest: str  # operands and attributes, as printed
+    nbytes: int = 0  # of the result (all elements of a tuple)
 
     @property
     def operands(self) -> list[str]:
@@ -62,10 +67,19 @@ class HloCosts:
     """Trip-count-aware matmul FLOPs (per device), collectives, and the loops whose trip count is unknown."""
 
     flops: float
+    seconds: float  # the roofline time: every scheduled op at max(FLOPs / peak, HBM bytes / bandwidth), summed
     collectives_static: dict[str, int]
     collectives_executed: dict[str, float]
     unknown_loops: int
     trip_counts: tuple[int, ...]  # of the loops whose count was read, in order of appearance
+
+
+def _nbytes(type_text: str) -> int:
+    total = 0
+    for dtype, dims in _ARRAYS.findall(type_text):
+        size = _ITEMSIZE.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+        total += size * math.prod(int(d) for d in dims.split(",") if d)
+    return total
 
 
 def _dims(type_text: str) -> tuple[int, ...] | None:
@@ -90,7 +104,7 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
         instruction = _INSTRUCTION.match(line)
         if instruction and current is not None:
             name, type_text, opcode, rest = instruction.groups()
-            computations[current].append(Instruction(name, _dims(type_text), opcode, rest))
+            computations[current].append(Instruction(name, _dims(type_text), opcode, rest, _nbytes(type_text)))
     if not entry:
         raise ValueError("HLO text has no ENTRY computation")
     return computations, entry
@@ -165,54 +179,121 @@ def trip_count(condition: list[Instruction]) -> int | None:
     return None
 
 
-def analyse(hlo_text: str) -> HloCosts:
-    """`HloCosts` of an optimised HLO module (`compiled.as_text()`)."""
+def _moves_memory(instruction: Instruction) -> bool:
+    """Whether a scheduled op reads and writes HBM in the roofline (not bookkeeping, not communication)."""
+    if instruction.opcode in _NO_TRAFFIC or instruction.opcode.removesuffix("-start") in COLLECTIVES:
+        return False
+    if instruction.opcode.endswith("-done"):
+        return False
+    target = instruction.attribute("custom_call_target") or ""
+    return not (instruction.opcode == "custom-call" and ("Collective" in target or target == '"AllocateBuffer"'))
+
+
+def _traffic(instruction: Instruction, sizes: dict[str, int], computations: dict[str, list[Instruction]]) -> int:
+    """HBM bytes a scheduled op reads and writes: its operands and result, except that an operand only sliced
+    (dynamic-slice, slice) reads just the slices, and an in-place dynamic-update-slice writes just the update
+    (the stacked layer weights and KV caches of a scanned model are read and written a layer at a time)."""
+    operands = instruction.operands
+    if instruction.opcode == "dynamic-update-slice":
+        return 2 * sizes.get(operands[1], 0) if len(operands) > 1 else instruction.nbytes
+    if instruction.opcode in ("dynamic-slice", "slice"):
+        return 2 * instruction.nbytes
+    called = _OPERAND.findall(instruction.attribute("calls") or "") if instruction.opcode == "fusion" else []
+    if not called or called[0] not in computations:
+        return instruction.nbytes + sum(sizes.get(o, 0) for o in operands)
+    body = computations[called[0]]
+    inner = {i.name: i.nbytes for i in body}
+    total = 0
+    for index, operand in enumerate(operands):
+        read = _bytes_read(computations, called[0], index)
+        total += sizes.get(operand, 0) if read is None else read
+    root = body[-1] if body else None
+    if root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
+        return total + inner.get(root.operands[1], 0)
+    return total + instruction.nbytes
+
+
+def _bytes_read(computations: dict[str, list[Instruction]], name: str, index: int) -> int | None:
+    """Bytes a fused computation reads of its parameter `index` when it only slices it (through nested fusions)
+    or only updates it in place (0); None when it reads all of it."""
+    body = computations.get(name, [])
+    param = next((i.name for i in body if i.opcode == "parameter" and re.match(rf"\s*{index}\)", i.rest)), None)
+    uses = [(i, position) for i in body for position, operand in enumerate(i.operands) if operand == param]
+    if param is None or not uses:
+        return None
+    total = 0
+    for user, position in uses:
+        if user.opcode in ("dynamic-slice", "slice") and position == 0:
+            total += user.nbytes
+        elif user.opcode == "dynamic-update-slice" and position == 0:
+            continue
+        elif user.opcode == "fusion":
+            nested = _OPERAND.findall(user.attribute("calls") or "")
+            read = _bytes_read(computations, nested[0], position) if nested else None
+            if read is None:
+                return None
+            total += read
+        else:
+            return None
+    return total
+
+
+def analyse(hlo_text: str, peak_flops: float = 1.0, hbm_bandwidth: float = 1.0) -> HloCosts:
+    """`HloCosts` of an optimised HLO module (`compiled.as_text()`); `seconds` uses the device's peak FLOP/s and
+    HBM bytes/s. Scheduled ops (of the entry, loop bodies, branches) cost max(their FLOPs, those of the fusion
+    they call, / peak; their operands' and result's bytes / bandwidth); communication is left out (overlapped)."""
     computations, entry = parse(hlo_text)
     static = Counter()
     unknown: list[int] = []
     trips: list[int] = []
 
     @functools.lru_cache(maxsize=None)
-    def cost(name: str) -> tuple[float, tuple[tuple[str, float], ...]]:
+    def cost(name: str, scheduled: bool) -> tuple[float, float, tuple[tuple[str, float], ...]]:
         instructions = computations.get(name, [])
         shapes = {i.name: i.shape for i in instructions}
-        flops, collectives = 0.0, Counter()
+        sizes = {i.name: i.nbytes for i in instructions}
+        flops = seconds = 0.0
+        collectives = Counter()
         for instruction in instructions:
-            flops += matmul_flops(instruction, shapes)
+            own = matmul_flops(instruction, shapes)
             kind = instruction.opcode.removesuffix("-start")
             if kind in COLLECTIVES:
                 collectives[kind] += 1
+            inner_seconds = 0.0
             if instruction.opcode == "while":
                 body, condition = instruction.attribute("body"), instruction.attribute("condition")
                 n = trip_count(computations.get(condition.lstrip("%"), [])) if condition else None
                 (trips if n is not None else unknown).append(n or 1)
-                callees = [(body, n or 1)]
+                callees = [(body.lstrip("%"), n or 1, True)]
             elif instruction.opcode == "conditional":
                 branches = _OPERAND.findall(instruction.attribute("branch_computations") or "")
                 branches += [b.lstrip("%") for b in (instruction.attribute("true_computation"),
                                                      instruction.attribute("false_computation")) if b]
-                if branches:
-                    costliest = max(branches, key=lambda b: cost(b)[0])
-                    callees = [(costliest, 1)]
-                else:
-                    callees = []
+                callees = [(max(branches, key=lambda b: cost(b, True)[1]), 1, True)] if branches else []
             else:
-                callees = [(callee, 1) for key in ("calls", "called_computations")
+                callees = [(callee, 1, instruction.opcode == "call") for key in ("calls", "called_computations")
                            for callee in _OPERAND.findall(instruction.attribute(key) or "")]
-            for callee, times in callees:
-                if callee is None:
-                    continue
-                sub_flops, sub_collectives = cost(callee.lstrip("%"))
-                flops += times * sub_flops
-                for kind, count in sub_collectives:
-                    collectives[kind] += times * count
-        return flops, tuple(sorted(collectives.items()))
+            for callee, times, callee_scheduled in callees:
+                sub_flops, sub_seconds, sub_collectives = cost(callee, callee_scheduled)
+                own += times * sub_flops
+                inner_seconds += times * sub_seconds
+                for name_, count in sub_collectives:
+                    collectives[name_] += times * count
+            flops += own
+            if not scheduled:
+                continue
+            if any(callee_scheduled for _, _, callee_scheduled in callees):
+                seconds += inner_seconds  # a loop, branch or call: its own ops are timed where they are
+            else:
+                traffic = _traffic(instruction, sizes, computations) if _moves_memory(instruction) else 0
+                seconds += max(own / peak_flops, traffic / hbm_bandwidth)
+        return flops, seconds, tuple(sorted(collectives.items()))
 
     for instructions in computations.values():
         for instruction in instructions:
             kind = instruction.opcode.removesuffix("-start")
             if kind in COLLECTIVES:
                 static[kind] += 1
-    flops, executed = cost(entry)
-    return HloCosts(flops=flops, collectives_static=dict(static), collectives_executed=dict(executed),
-                    unknown_loops=len(unknown), trip_counts=tuple(trips))
+    flops, seconds, executed = cost(entry, True)
+    return HloCosts(flops=flops, seconds=seconds, collectives_static=dict(static),
+                    collectives_executed=dict(executed), unknown_loops=len(unknown), trip_counts=tuple(trips))

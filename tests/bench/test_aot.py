@@ -60,6 +60,63 @@ def test_hlo_costs_multiply_a_loop_body_by_its_trip_count():
     assert costs.collectives_executed == {"all-gather": 12}
 
 
+SLICED_HLO = """HloModule sliced
+
+%slice_layer (w.1: f32[12,16,16], i.2: s32[]) -> f32[16,16] {
+  %w.1 = f32[12,16,16] parameter(0)
+  %i.2 = s32[] parameter(1)
+  %zero.1 = s32[] constant(0)
+  %ds = f32[1,16,16] dynamic-slice(%w.1, %i.2, %zero.1, %zero.1), dynamic_slice_sizes={1,16,16}
+  ROOT %b = f32[16,16] bitcast(%ds)
+}
+
+%layer (x.2: f32[8,16], w.2: f32[12,16,16], i.3: s32[]) -> f32[8,16] {
+  %x.2 = f32[8,16] parameter(0)
+  %w.2 = f32[12,16,16] parameter(1)
+  %i.3 = s32[] parameter(2)
+  %wi = f32[16,16] fusion(%w.2, %i.3), kind=kLoop, calls=%slice_layer
+  ROOT %y = f32[8,16] dot(%x.2, %wi), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (p: (s32[], f32[8,16], f32[12,16,16])) -> (s32[], f32[8,16], f32[12,16,16]) {
+  %p = (s32[], f32[8,16], f32[12,16,16]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,16] get-tuple-element(%p), index=1
+  %w = f32[12,16,16] get-tuple-element(%p), index=2
+  %y.1 = f32[8,16] fusion(%x, %w, %i), kind=kOutput, calls=%layer
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8,16], f32[12,16,16]) tuple(%next, %y.1, %w)
+}
+
+%cond (p.1: (s32[], f32[8,16], f32[12,16,16])) -> pred[] {
+  %p.1 = (s32[], f32[8,16], f32[12,16,16]) parameter(0)
+  %limit = s32[] constant(12)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  ROOT %lt = pred[] compare(%i.1, %limit), direction=LT
+}
+
+ENTRY %main (x.1: f32[8,16], w.0: f32[12,16,16]) -> f32[8,16] {
+  %x.1 = f32[8,16] parameter(0)
+  %w.0 = f32[12,16,16] parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,16], f32[12,16,16]) tuple(%zero, %x.1, %w.0)
+  %loop = (s32[], f32[8,16], f32[12,16,16]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8,16] get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_hlo_roofline_reads_one_layer_of_stacked_weights_per_step():
+    """The fused matmul reads x, one [16, 16] slice of the stacked weights (not all 12 layers) and the counter,
+    and writes y; the loop's add reads and writes 3 scalars: bytes-bound at 1 byte/s, FLOP-bound at 1 FLOP/s."""
+    per_step_bytes = (8 * 16 + 16 * 16 + 1 + 8 * 16) * 4 + 3 * 4
+    costs = hlo_costs.analyse(SLICED_HLO, peak_flops=1e30, hbm_bandwidth=1.0)
+    assert costs.seconds == pytest.approx(12 * per_step_bytes)
+    assert hlo_costs.analyse(SLICED_HLO, peak_flops=1.0, hbm_bandwidth=1e30).seconds == pytest.approx(
+        12 * 2 * 8 * 16 * 16)
+
+
 def test_hlo_costs_read_an_unknown_loop_once():
     costs = hlo_costs.analyse(LOOP_HLO.replace("direction=LT", "direction=NE"))
     assert costs.unknown_loops == 1 and costs.flops == 2 * 8 * 16 * 16
