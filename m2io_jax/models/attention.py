@@ -52,7 +52,8 @@ class CausalSegments:
 
     def mask(self) -> jax.Array:
         """The dense boolean mask [B, T, S]."""
-        return causal_segment_mask(self.q_segments, self.k_segments, self.q_offset + jnp.arange(self.q_segments.shape[1]))
+        q_slots = self.q_offset + jnp.arange(self.q_segments.shape[1])
+        return causal_segment_mask(self.q_segments, self.k_segments, q_slots)
 
 
 def grouped_attention(

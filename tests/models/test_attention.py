@@ -99,7 +99,8 @@ def test_shared_prefix_mask_blocks():
     assert np.flatnonzero(dense[7]).tolist() == list(range(9))  # a padding query: every real key
     assert not dense[:, 9:].any()
     assert np.array_equal(mask[slice(2, 6), slice(4, 12)], dense[2:6, 4:12])
-    assert mask == splash.SharedPrefixMask((8, 16), 3, 2, 3) and hash(mask) == hash(splash.SharedPrefixMask((8, 16), 3, 2, 3))
+    same = splash.SharedPrefixMask((8, 16), 3, 2, 3)
+    assert mask == same and hash(mask) == hash(same) and mask != splash.SharedPrefixMask((8, 16), 3, 2, 2)
     with pytest.raises(ValueError, match=r"shape \(4, 16\) cannot hold 2 completions of 3 tokens"):
         splash.SharedPrefixMask((4, 16), 3, 2, 3)
 

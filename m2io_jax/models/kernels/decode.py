@@ -10,7 +10,9 @@ tokens, as `m2io_jax.models.attention.shared_prefix_decode` computes it with ein
 
 The caches are read in place: the whole stacked cache `[L, ...]` is the operand and the layer and decode slot
 are scalar-prefetched, so no per-layer slice or transpose of the cache is materialised; a key/value head is
-a lane-block of the `[..., KV * hd]` view (free reshape). Only the small query and output are transposed.
+a lane-block of the `[..., KV * hd]` view (free reshape), so on TPU hd must be a multiple of 128 (every Qwen2.5
+size) or KV must be 1. Only the small query and output are transposed. Not differentiable (sampling only; the
+log-prob pass uses splash, `kernels.splash.shared_prefix_attention`).
 """
 
 from __future__ import annotations
