@@ -205,15 +205,18 @@ def per_device_bytes(tree: Any) -> dict[Any, int]:
 def to_host(tree: Any) -> Any:
     """`tree`'s arrays as whole numpy arrays on this host, also when they span other processes' devices.
 
-    An array whose shards all live on this process's devices is copied out (`jax.device_get`); one sharded
-    across processes is gathered from all of them (`multihost_utils.process_allgather`), a collective that
-    every process must reach with the same tree, as the trainer's and sampler's lockstep code paths do.
+    An array whose shards all live on this process's devices is copied out (`jax.device_get`), as is this
+    process's copy of one replicated on every device; one sharded across processes is gathered from all of
+    them (`multihost_utils.process_allgather`), a collective that every process must reach with the same
+    tree, as the trainer's and sampler's lockstep code paths do.
     """
     def one(x: Any) -> Any:
         if not isinstance(x, jax.Array):
             return np.asarray(x)
         if x.is_fully_addressable:
             return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:  # every device holds all of it: this process's copy will do
+            return np.asarray(x.addressable_data(0))
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
@@ -258,3 +261,53 @@ def initialize_distributed(settings: ml_collections.ConfigDict) -> bool:
                                num_processes=settings.num_processes or None,
                                process_id=None if settings.process_id < 0 else settings.process_id)
     return True
+
+
+_BARRIER_TIMEOUT_MS = 60 * 60 * 1000
+_barriers = 0
+
+
+def _wait_for_all_processes(name: str) -> None:
+    """A barrier over the distributed runtime's key-value store (no device collective, so no device timeout)."""
+    global _barriers
+    from jax._src import distributed  # the client's barrier has no public wrapper; multihost_utils' uses devices
+
+    _barriers += 1
+    distributed.global_state.client.wait_at_barrier(f"m2io_jax/{_barriers}/{name}", _BARRIER_TIMEOUT_MS)
+
+
+def _signature(tree: Any) -> Any:
+    """What jit specializes on besides static arguments: the tree structure and each leaf's type and layout."""
+    leaves, structure = jax.tree.flatten(tree)
+    return structure, tuple((np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "sharding", None),
+                             getattr(x, "weak_type", False)) for x in leaves)
+
+
+class LockstepJit:
+    """`jax.jit(fun, **jit_kwargs)` that keeps the processes of a multi-process run in step around compilation.
+
+    Processes compile a program separately and at their own pace; its first cross-process collective then waits
+    for the slowest. On CPU (gloo) that wait times out after 30 s, which a loaded machine exceeds. So with
+    several processes, the first call for each argument signature compiles ahead of time, waits at a barrier
+    for every process to have compiled it, then runs; later calls reuse the compiled program. With one process
+    it is exactly the jitted function. `lower` is the jitted function's (ahead-of-time compiles, fit checks).
+    """
+
+    def __init__(self, fun: Callable[..., Any], **jit_kwargs: Any):
+        self._jitted = jax.jit(fun, **jit_kwargs)
+        static = jit_kwargs.get("static_argnums", ())
+        self._static = frozenset((static,) if isinstance(static, int) else static)
+        self._name = getattr(fun, "__name__", "program")
+        self._compiled: dict[Any, Any] = {}
+        self.lower = self._jitted.lower
+
+    def __call__(self, *args: Any) -> Any:
+        if jax.process_count() == 1:
+            return self._jitted(*args)
+        key = tuple(a if i in self._static else _signature(a) for i, a in enumerate(args))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._jitted.lower(*args).compile()
+            _wait_for_all_processes(f"compiled {self._name}")
+            self._compiled[key] = compiled
+        return compiled(*(a for i, a in enumerate(args) if i not in self._static))

@@ -32,6 +32,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from m2io_jax import sharding as shd
 from m2io_jax.models import lora
 from m2io_jax.models.protocol import PreparedInputs
 from m2io_jax.rl import grpo
@@ -370,7 +371,7 @@ def init_optimizer_program(spec: StepSpec, params: nnx.State) -> Any:
     """The jitted optimizer-state initialiser of `params` (concrete or abstract with shardings): on a mesh its
     outputs have `optimizer_state_shardings`, so the state is created in place, never replicated first."""
     out_shardings = None if spec.param_shardings is None else optimizer_state_shardings(spec, params)
-    return jax.jit(rl_init_optimizer, static_argnums=0, out_shardings=out_shardings)
+    return shd.LockstepJit(rl_init_optimizer, static_argnums=0, out_shardings=out_shardings)
 
 
 def init_optimizer(spec: StepSpec, params: nnx.State) -> Any:
@@ -378,9 +379,9 @@ def init_optimizer(spec: StepSpec, params: nnx.State) -> Any:
     return init_optimizer_program(spec, params)(spec, params)
 
 
-encode_vision = jax.jit(rl_encode_vision, static_argnums=0)
-logprobs = jax.jit(rl_logprobs, static_argnums=0)
-reference_logprobs = jax.jit(rl_reference_logprobs, static_argnums=0)
-grpo_gradients = jax.jit(rl_grpo_gradients, static_argnums=0, donate_argnums=(3,))
-apply_gradients = jax.jit(rl_apply_gradients, static_argnums=0, donate_argnums=(1, 2))
-sft_update = jax.jit(rl_sft_update, static_argnums=0, donate_argnums=(1, 2))
+encode_vision = shd.LockstepJit(rl_encode_vision, static_argnums=0)
+logprobs = shd.LockstepJit(rl_logprobs, static_argnums=0)
+reference_logprobs = shd.LockstepJit(rl_reference_logprobs, static_argnums=0)
+grpo_gradients = shd.LockstepJit(rl_grpo_gradients, static_argnums=0, donate_argnums=(3,))
+apply_gradients = shd.LockstepJit(rl_apply_gradients, static_argnums=0, donate_argnums=(1, 2))
+sft_update = shd.LockstepJit(rl_sft_update, static_argnums=0, donate_argnums=(1, 2))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from m2io_jax import sharding as shd
 from m2io_jax.models.protocol import PrefixCache, PreparedInputs, SuffixCache, suppress_logits
 from m2io_jax.sampling.tokens import choose_tokens, row_keys
 
@@ -128,5 +129,5 @@ def sampler_decode(program: SamplerProgram, params: nnx.State, prefix: PrefixCac
     return state
 
 
-prefill_jit = jax.jit(sampler_prefill, static_argnums=(0,))
-decode_jit = jax.jit(sampler_decode, static_argnums=(0,), donate_argnums=(4,))
+prefill_jit = shd.LockstepJit(sampler_prefill, static_argnums=(0,))
+decode_jit = shd.LockstepJit(sampler_decode, static_argnums=(0,), donate_argnums=(4,))

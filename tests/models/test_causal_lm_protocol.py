@@ -104,8 +104,9 @@ def test_shared_prompt_pass_costs_under_half_the_full_layout_flops():
 
 def test_attention_impl_is_checked():
     assert Qwen2Config(**TINY_QWEN2["tied_gqa"]).attention_impl == "xla"
-    with pytest.raises(ValueError, match=r"Qwen2Config: attention_impl='pallas'; expected one of xla"):
-        Qwen2Config(**TINY_QWEN2["tied_gqa"], attention_impl="pallas")
+    assert Qwen2Config(**TINY_QWEN2["tied_gqa"], attention_impl="pallas").attention_impl == "pallas"
+    with pytest.raises(ValueError, match=r"Qwen2Config: attention_impl='flash'; expected one of xla, pallas"):
+        Qwen2Config(**TINY_QWEN2["tied_gqa"], attention_impl="flash")
 
 
 def test_text_model_refuses_images(text_case):
