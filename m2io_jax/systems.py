@@ -10,7 +10,8 @@ chunks), numbers the images of the retrieved chunks as candidates (`inserter.can
                (`inserter.baselines`), threshold from the run's eval.json "rule" entry, else chosen on the
                validation split by mean reward (`inserter.evaluation.choose_rule_threshold`)
   llm          MRAMG-Bench's LLM-based method: the llm-mode generator (`{workdir}/generator_llm`) sees the
-               candidates' ids and captions and writes the `<imgN>` placeholders itself, in one pass
+               candidates' ids and captions and writes the `<imgN>` placeholders itself, in one pass; its candidates
+               are numbered in order of first appearance (MRAMG-Bench's format, as the generator was trained)
   oracle-text  the GRPO inserter on the gold answer text (its markers removed): insertion quality alone; on the
                validation split it decodes exactly what the trainer's eval.json scored
 
@@ -147,12 +148,16 @@ class Written:
 
 
 class Retrieval:
-    """The dataset's retriever and the candidate images of each question (as the training pipeline builds them)."""
+    """The dataset's retriever and the candidate images of each question: as the inserter's pipeline builds them
+    (shuffled), or numbered in order of first appearance (`shuffle=False`: MRAMG-Bench's format, which the llm
+    generator is trained on)."""
 
-    def __init__(self, retriever: retriever_lib.Retriever, dataset: SplitDataset, config: ml_collections.ConfigDict):
+    def __init__(self, retriever: retriever_lib.Retriever, dataset: SplitDataset, config: ml_collections.ConfigDict,
+                 *, shuffle: bool = True):
         self.retriever = retriever
         self.dataset = dataset
         self.config = config
+        self.shuffle = shuffle
 
     def __call__(self, questions: Sequence[mramg.Question]) -> list[Retrieved]:
         hits = self.retriever.search([q.question for q in questions], self.config.data.retrieval.top_k)
@@ -161,7 +166,9 @@ class Retrieval:
             chunks = tuple(hit.chunk for hit in found)
             candidates = candidates_for_split(question, chunks, self.dataset.images, split=HELD_OUT_SPLIT,
                                               settings=self.config.data.candidates)
-            out.append(Retrieved(chunks, shuffle_candidates(candidates, self.config.inserter.shuffle_seed)))
+            if self.shuffle:
+                candidates = shuffle_candidates(candidates, self.config.inserter.shuffle_seed)
+            out.append(Retrieved(chunks, candidates))
         return out
 
 
@@ -389,16 +396,17 @@ def build_system(name: str, config: ml_collections.ConfigDict, workdir: str, *, 
 
     if name == "llm":
         def write_with_images(questions, retrieved):
-            generated = text_generator.answer(
-                [q.question for q in questions], [list(r.candidates.contexts) for r in retrieved],
-                images=[list(zip(r.candidates.image_map, r.candidates.captions)) for r in retrieved])
+            inputs = [generator.llm_inputs(r.candidates) for r in retrieved]
+            generated = text_generator.answer([q.question for q in questions], [passages for passages, _ in inputs],
+                                              images=[images for _, images in inputs])
             return [Written(g.text, g.num_tokens) for g in generated]
 
-        return PipelineSystem(name, retrieval, batch_size=section.batch_size, write=write_with_images, place=None)
+        in_order = Retrieval(retrieval.retriever, dataset, config, shuffle=False)
+        return PipelineSystem(name, in_order, batch_size=section.batch_size, write=write_with_images, place=None)
 
     def write(questions: Sequence[mramg.Question], retrieved: Sequence[Retrieved]) -> list[Written]:
         generated = text_generator.answer([q.question for q in questions],
-                                          [list(r.candidates.contexts) for r in retrieved])
+                                          [generator.text_passages(r.chunks) for r in retrieved])
         return [Written(metrics.strip_image_markers(g.text), g.num_tokens) for g in generated]
 
     if name == "rule":

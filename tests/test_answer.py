@@ -135,6 +135,7 @@ def test_answer_command_writes_pages_a_browser_shows(tmp_path):
     gen_config.data.datasets = (DATASET,)
     gen_config.modes = (generator.TEXT,)
     gen_config.sft.num_steps = 4
+    gen_config.sft.optimizer.warmup_steps = 0
     gen_config.eval.max_examples = 2
     train_generator.train_generators(gen_config, workdir)
 
