@@ -173,9 +173,13 @@ class Retrieval:
 
 
 class ModelInserter:
-    """The trained inserter (a Qwen2.5-VL checkpoint): greedy placements of the candidates in each answer text."""
+    """The trained inserter (a Qwen2.5-VL checkpoint): greedy placements of the candidates in each answer text.
 
-    def __init__(self, checkpoint: str, config: ml_collections.ConfigDict, retrieval: Retrieval):
+    `retrieval` is what `prompts` builds prompts from; a caller with prompts of its own (FTII) passes None and
+    calls the inserter on them.
+    """
+
+    def __init__(self, checkpoint: str, config: ml_collections.ConfigDict, retrieval: Retrieval | None):
         mesh = sharding.make_mesh(config.mesh.to_dict()) if config.get("mesh") else None
         self.model = models.from_pretrained(checkpoint, mesh=mesh)
         self.processor = Qwen2_5_VLProcessor.from_pretrained(checkpoint, config=self.model.config,
@@ -190,6 +194,8 @@ class ModelInserter:
                 answers: Sequence[str] | None) -> list[pipeline.PromptExample | None]:
         """Each question's prompt within the budget (`pipeline.fit_prompt`), showing its text of `answers` (None:
         the gold answer, as in training); None for a question without candidates or room."""
+        if self.retrieval is None:
+            raise ValueError("ModelInserter.prompts needs the retrieval it was built with (built with None)")
         out = []
         for i, (question, found) in enumerate(zip(questions, retrieved)):
             if not found.candidates.image_map:
