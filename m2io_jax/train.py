@@ -52,7 +52,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from m2io_jax import cli, fit, models, sharding, train_config
+from m2io_jax import cli, fit, models, profiling, sharding, train_config
 from m2io_jax.buckets import bucket_size
 from m2io_jax.inserter import evaluation, pipeline, sources
 from m2io_jax.inserter.task import RewardAdapter
@@ -267,19 +267,24 @@ class Progress:
 
 
 def run_stage(stage: str, trainer: Trainer, batches: Iterator[list[pipeline.PromptExample]], num_steps: int,
-              progress: Progress, *, first_step: int, after_step: Callable[[int], None]) -> None:
+              progress: Progress, *, first_step: int, after_step: Callable[[int], None],
+              profiler: profiling.Profiler) -> None:
     """Steps `first_step + 1 .. num_steps` of `stage` ("sft" / "grpo"), each logged with the time spent waiting
     for data, then handed to `after_step` (checkpoints)."""
     for step in range(first_step + 1, num_steps + 1):
         start = time.perf_counter()
         batch = next(batches)
         data_seconds = time.perf_counter() - start
-        if stage == "sft":
-            metrics = trainer.sft_step(prompt_batch(batch, with_targets=True))
-        else:
-            metrics = trainer.grpo_step(prompt_batch(batch, with_targets=False), step)
-        progress.log(stage, step, time.perf_counter() - start, {**metrics, "time/data": data_seconds})
+        with profiler.step(stage, step):
+            if stage == "sft":
+                metrics = trainer.sft_step(prompt_batch(batch, with_targets=True))
+            else:
+                metrics = trainer.grpo_step(prompt_batch(batch, with_targets=False), step)
+        metrics = {**metrics, "time/data": data_seconds}
+        metrics.update(profiler.figures(stage, batch, metrics))
+        progress.log(stage, step, time.perf_counter() - start, metrics)
         after_step(step)
+    profiler.close()  # a trace window that runs past the stage's last step ends with the stage
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] = ()) -> dict[str, dict[str, float]]:
@@ -363,6 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
                         log_every=config.log_every, print_every=config.print_every, run_log=run_log,
                         max_nonfinite_in_a_row=config.max_nonfinite_in_a_row, samples_every=config.samples_every,
                         samples=samples, resumed=None if resumed is None else resumed.position)
+    profiler = profiling.Profiler(config.profile, workdir, mesh=mesh)
     seed = config.seed
     position = None if resumed is None else resumed.position
 
@@ -398,8 +404,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
                                   suppress_tokens=suppress_tokens, mesh=mesh)
                 batches = pipeline.batches(sft_examples, batch_size=config.sft.batch_size, seed=seed)
                 first_step = resume_stage("sft", trainer, batches)
+                profiler.start_stage("sft", trainer.model, sft_config)
                 run_stage("sft", trainer, batches, config.sft.num_steps, progress, first_step=first_step,
-                          after_step=checkpoint_after("sft", trainer, batches, sft_steps=0))
+                          after_step=checkpoint_after("sft", trainer, batches, sft_steps=0), profiler=profiler)
                 sft_steps = max(first_step, config.sft.num_steps)
                 model = trainer.model
                 save_model_dir(model, processor, checkpoint, workdir, "sft")
@@ -412,11 +419,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
                 del model  # the trainer holds the weights now (with LoRA: the base once, in the compute dtype)
                 batches = pipeline.batches(examples["train"], batch_size=config.grpo.batch_size, seed=seed + 1)
                 first_step = resume_stage("grpo", trainer, batches)
+                profiler.start_stage("grpo", trainer.model, config)
                 run_stage("grpo", trainer, batches, config.grpo.num_steps, progress, first_step=first_step,
-                          after_step=checkpoint_after("grpo", trainer, batches, sft_steps=sft_steps))
+                          after_step=checkpoint_after("grpo", trainer, batches, sft_steps=sft_steps),
+                          profiler=profiler)
                 model = lora.merge(trainer.model)  # a plain model (no adapters) for evaluation and export
                 record_eval("grpo", model)
         finally:
+            profiler.close()
             checkpoints.close()
     save_model_dir(model, processor, checkpoint, workdir, "final")
     run_log.close()

@@ -24,6 +24,8 @@ Sections:
   distributed  joining a multi-process run (`m2io_jax.sharding.get_distributed_config`): "auto" initializes
              jax.distributed on a multi-host TPU slice; every process runs the same steps on the same batches,
              the mesh spans all processes' devices, process 0 writes the files.
+  profile    a jax.profiler trace of a window of steps into `{workdir}/profile` and per-step MFU / roofline
+             figures (`m2io_jax.profiling.get_profile_config`; num_steps 0: no trace).
   checkpoint Orbax checkpoints in `{workdir}/checkpoints` (`m2io_jax.rl.checkpoint`): every_steps (run steps
              between saves; each stage's end and a preemption also save), keep (the newest N kept),
              asynchronous (write in the background while training goes on).
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from m2io_jax import sharding
+from m2io_jax import profiling, sharding
 from m2io_jax.data import config as data_config
 from m2io_jax.inserter import config as inserter_config
 from m2io_jax.inserter import pipeline
@@ -98,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.distributed = sharding.get_distributed_config()
+    c.profile = profiling.get_profile_config()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50
