@@ -1,12 +1,16 @@
 """Answers questions over a corpus with text and images: retrieve, generate, insert, then write the pages.
 
     python -m m2io_jax.answer --config=configs/tiny.py --workdir=/tmp/tiny_run --question "How do I clean the kettle?"
-    python -m m2io_jax.answer --workdir=/tmp/tiny_run --questions=questions.txt --out=answers.md --html=answers.html
-    python -m m2io_jax.answer --workdir=/tmp/tiny_run --question "..." --system=rule --dataset=demo_recipe
+    python -m m2io_jax.answer --config=configs/tiny.py --workdir=/tmp/tiny_run --questions=questions.txt \
+        --out=answers.md --html=answers.html
+    python -m m2io_jax.answer --config=configs/tiny.py --workdir=/tmp/tiny_run --question "..." --system=rule \
+        --dataset=demo_recipe
 
 DIR (`--workdir`) is a training run's directory: the inserter from `python -m m2io_jax.train` (final/, sft/), the
 generators from `python -m m2io_jax.train_generator` (generator/, generator_llm/) and the retrieval index
-(index/, built there on first use); `--config.systems.*` may point at other checkpoints (`m2io_jax.systems`).
+(index/, built there on first use). `--config` is the run's config (default: `m2io_jax/train_config.py`); its
+`systems` section (`systems.get_systems_config()`: other inserter and generator checkpoints, batch size) takes
+its defaults when the config has none.
 `--system` picks one of `systems.SYSTEM_NAMES` (default m2io); `--dataset` the corpus (default: the config's first
 dataset).
 
@@ -29,7 +33,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from m2io_jax import cli, render, systems
+from m2io_jax import cli, render, systems, train_config
 from m2io_jax.data import mramg
 from m2io_jax.inserter import sources
 from m2io_jax.train import enable_compilation_cache
@@ -44,7 +48,8 @@ _HTML = flags.DEFINE_string("html", "answer.html", "the self-contained HTML page
 _SYSTEM = flags.DEFINE_enum("system", "m2io", systems.SYSTEM_NAMES, "which system answers")
 _DATASET = flags.DEFINE_string("dataset", None, "the dataset whose corpus is searched (default: the config's "
                                "first of data.datasets)")
-_CONFIG = cli.define_config(systems, "run settings with a systems section (default: m2io_jax/systems.py)")
+_CONFIG = cli.define_config(train_config, "the run's settings, optionally with a systems section "
+                            "(default: m2io_jax/train_config.py)")
 
 
 def read_questions(question: str | None, path: str | None) -> list[dict[str, str]]:

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import ml_collections
 
-from m2io_jax import cli, generator, models, sharding, train_config
+from m2io_jax import cli, generator, models, sharding
 from m2io_jax.data import mramg
 from m2io_jax.eval import metrics
 from m2io_jax.inserter import baselines, evaluation, formats, pipeline
@@ -81,15 +81,6 @@ def get_systems_config() -> ml_collections.ConfigDict:
     c.generator = generator.get_generator_config()
     c.index = "cache"
     c.batch_size = 16
-    return c
-
-
-def get_config() -> ml_collections.ConfigDict:
-    """The default config of the commands that run systems (`python -m m2io_jax.answer`): the training run's
-    sections (`m2io_jax.train_config`) and `systems`. A training config without `systems` works too: its
-    defaults are used (`systems_section`)."""
-    c = train_config.get_config()
-    c.systems = get_systems_config()
     return c
 
 
@@ -307,7 +298,9 @@ def inserter_checkpoint(configured: str, workdir: str, default: str) -> str:
 
 
 def systems_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config.systems`, or the defaults of `get_systems_config` for a run config written without that section."""
+    """`config.systems`, or the defaults of `get_systems_config` for a run config without that section (the
+    training configs: a config file adds it with `c.systems = systems.get_systems_config()`, and then
+    `--config.systems.*` overrides work)."""
     return config.systems if "systems" in config else get_systems_config()
 
 

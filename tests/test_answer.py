@@ -86,7 +86,7 @@ def test_command_errors_are_one_line(tmp_path):
     assert empty.returncode == 1
     assert empty.stderr.strip().splitlines() == ["answer: error: --question: the question is empty; expected the "
                                                  "text of a question"]
-    missing = _run_answer(config, f"--workdir={tmp_path}", "--question=How do I clean the kettle?")
+    missing = _run_answer(f"--workdir={tmp_path}", "--question=How do I clean the kettle?")  # default config
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
     assert f"{tmp_path}/final: no inserter checkpoint" in missing.stderr
     assert f"python -m m2io_jax.train --config=CONFIG --workdir={tmp_path}" in missing.stderr

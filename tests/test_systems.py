@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from m2io_jax import cli, generator, systems
+from m2io_jax import cli, generator, systems, train_config
 from m2io_jax.data import mramg
 from m2io_jax.eval import metrics
 from m2io_jax.inserter import evaluation, formats
@@ -48,7 +48,8 @@ def _run_dir(tmp_path, workdir):
 
 
 def _config(setup, output_format="anchors"):
-    config = systems.get_config()
+    config = train_config.get_config()
+    config.systems = systems.get_systems_config()
     for section in ("data", "inserter", "pipeline"):
         config[section] = setup.config[section]
     config.inserter = setup.config.inserter.copy_and_resolve_references()
