@@ -8,8 +8,10 @@ Reads the run's `{workdir}/config.json` (written by `m2io_jax.train`) for the mo
 parameters of checkpoint `--step` (default: the latest) of `{workdir}/checkpoints`, and writes them with the
 tokenizer, image processor and chat template files to `--out`: transformers' `from_pretrained` and
 `m2io_jax.models.from_pretrained` both load it. A GRPO checkpoint of a run with LoRA (`config.lora.rank` > 0)
-is written with its adapters merged into the weights. Step numbers count the run's steps (SFT step s is s, GRPO
-step g follows the SFT stage's last step); `--step` that is not kept lists the kept ones.
+holds the adapters alone: they are applied to their base (`{workdir}/sft`, the model the SFT stage ended with,
+or the starting model when the run had no SFT stage) and written merged into the weights. Step numbers count
+the run's steps (SFT step s is s, GRPO step g follows the SFT stage's last step); `--step` that is not kept
+lists the kept ones.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flax import nnx
 from m2io_jax import cli, models
 from m2io_jax.models import lora
 from m2io_jax.models.qwen2_5_vl_processor import Qwen2_5_VLProcessor
+from m2io_jax.rl import steps
 from m2io_jax.rl.checkpoint import CHECKPOINT_DIR, RunCheckpoints, save_hf_model
 
 # allow_override: m2io_jax.train defines the same --workdir and m2io_jax.data.demo.generate an --out; the
@@ -55,13 +58,6 @@ def source_model(workdir: str, config: dict[str, Any]) -> str:
     return source
 
 
-def with_run_adapters(model: Any, config: dict[str, Any], stage: str) -> Any:
-    """`model` with the LoRA adapters the run's GRPO stage trained (`config.lora`), for a GRPO checkpoint."""
-    if stage != "grpo" or not config.get("lora", {}).get("rank", 0):
-        return model
-    return lora.apply_config(model, ml_collections.ConfigDict(config["lora"]))
-
-
 def export(workdir: str, out: str, step: int | None = None) -> int:
     """Writes the parameters of checkpoint `step` (None: the latest) of the run in `workdir` to `out`; returns
     the step written."""
@@ -74,10 +70,18 @@ def export(workdir: str, out: str, step: int | None = None) -> int:
         if step is None:
             raise cli.UserError(f"--workdir={workdir}: {CHECKPOINT_DIR}/ holds no finished checkpoint")
         source = source_model(workdir, config)
-        model = models.from_pretrained(source)
+        position = checkpoints.saved(step).position
+        adapted = position.stage == "grpo" and config.get("lora", {}).get("rank", 0) > 0
+        # a LoRA checkpoint holds the adapters alone: their base is the model the SFT stage ended with
+        base = os.path.join(workdir, "sft") if adapted and position.sft_steps > 0 else source
+        model = models.from_pretrained(base)
         processor = Qwen2_5_VLProcessor.from_pretrained(source, config=model.config, **config["model"]["processor"])
-        graphdef, params = nnx.split(with_run_adapters(model, config, checkpoints.saved(step).position.stage))
-        model = lora.merge(nnx.merge(graphdef, checkpoints.restore_params(step, params)))
+        if adapted:
+            model = lora.apply_config(model, ml_collections.ConfigDict(config["lora"]))
+        graphdef, params = nnx.split(model)
+        trained, frozen = steps.split_trainable(adapted, params)
+        model = lora.merge(nnx.merge(graphdef, steps.join_trainable(checkpoints.restore_params(step, trained),
+                                                                     frozen)))
     finally:
         checkpoints.close()
     save_hf_model(model, processor, source, out)

@@ -126,6 +126,17 @@ def local_dir(workdir: str, name: str) -> str:
     return os.path.expanduser(os.path.join("~/.cache/m2io_jax/workdirs", key, str(jax.process_index()), name))
 
 
+def local_copy(workdir: str, name: str) -> str:
+    """A local path of the directory `{workdir}/{name}` (copied into `local_dir` from a remote workdir)."""
+    if is_local(workdir):
+        return os.path.join(workdir, name)
+    target = local_dir(workdir, name)
+    os.makedirs(target, exist_ok=True)
+    for file in (epath.Path(workdir) / name).iterdir():
+        file.copy(epath.Path(target) / file.name, overwrite=True)
+    return target
+
+
 def save_model_dir(model: Any, processor: Qwen2_5_VLProcessor, source: str, workdir: str, name: str) -> None:
     """`model` as the Hugging Face directory `{workdir}/{name}` (all processes gather; process 0 writes; on a
     remote workdir it is written locally first and copied up)."""
@@ -413,6 +424,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
                 record_eval("sft", model)
             else:
                 sft_steps = 0 if position is None else position.sft_steps
+                if sft_steps > 0 and config.lora.rank > 0:  # LoRA checkpoints hold the adapters alone; their
+                    model = models.from_pretrained(local_copy(workdir, "sft"), mesh=mesh)  # base: the SFT model
             if config.grpo.num_steps > 0:
                 trainer = Trainer(lora.apply_config(model, config.lora), config, reward_fn=reward_fn,
                                   stop_tokens=stop_tokens, suppress_tokens=suppress_tokens, mesh=mesh)

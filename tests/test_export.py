@@ -16,7 +16,7 @@ from flax import nnx
 from m2io_jax import cli, export, models, train
 from m2io_jax.models import lora
 from m2io_jax.models.qwen2_5_vl_processor import Qwen2_5_VLProcessor
-from m2io_jax.rl import checkpoint
+from m2io_jax.rl import checkpoint, steps
 from tests.models.qwen2_5_vl_helpers import conversation, hf_logits, images_for
 from tests.test_train import CONFIGS, ROOT, _shrink
 
@@ -90,7 +90,8 @@ def test_export_of_a_lora_checkpoint_merges_its_adapters(workdir, tmp_path):
         if "_b']." in jax.tree_util.keystr(path) else x, params)
     adapted = nnx.merge(graphdef, params)
     checkpoints = checkpoint.RunCheckpoints(str(run), ml_collections.ConfigDict(config["checkpoint"]))
-    checkpoints.save(checkpoint.Position("grpo", 1, 0), {"params": params, "opt_state": {"count": jnp.zeros(())}},
+    adapters, _ = steps.split_trainable(True, params)  # what a LoRA run checkpoints: the adapters alone
+    checkpoints.save(checkpoint.Position("grpo", 1, 0), {"params": adapters, "opt_state": {"count": jnp.zeros(())}},
                      seed=0, data_state={}, config=config)
     checkpoints.close()
 

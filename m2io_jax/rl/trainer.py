@@ -143,21 +143,27 @@ class Trainer:
         return nnx.merge(self._spec.graphdef, self._params)
 
     def state(self) -> dict[str, Any]:
-        """What a resume needs besides the step: "params", "opt_state" and, when beta != 0, "reference".
+        """What a resume needs besides the step: "params", "opt_state" and, when beta != 0 without LoRA,
+        "reference".
 
-        The arrays are the trainer's own (valid until the next step donates them); a checkpoint copies them out.
+        "params" are the trained parameters: all of them, or with LoRA only the adapters (the frozen base is the
+        model the trainer was built with, so a checkpoint holds adapters and their optimizer state alone). The
+        arrays are the trainer's own (valid until the next step donates them); a checkpoint copies them out.
         """
-        state = {"params": self._params, "opt_state": self._opt_state}
+        trainable, _ = steps.split_trainable(self._spec.adapters, self._params)
+        state = {"params": trainable, "opt_state": self._opt_state}
         if self._reference is not None:
             state["reference"] = self._reference
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Takes over `state` (the structure of `state()`, e.g. restored from a checkpoint onto this mesh)."""
+        """Takes over `state` (the structure of `state()`, e.g. restored from a checkpoint onto this mesh); with
+        LoRA its adapters join the frozen base this trainer was built with."""
         expected = set(self.state())
         if set(state) != expected:
             raise ValueError(f"Trainer.restore: state has keys {sorted(state)}; expected {sorted(expected)}")
-        self._params, self._opt_state = state["params"], state["opt_state"]
+        _, frozen = steps.split_trainable(self._spec.adapters, self._params)
+        self._params, self._opt_state = steps.join_trainable(state["params"], frozen), state["opt_state"]
         if "reference" in state:
             self._reference = state["reference"]
 

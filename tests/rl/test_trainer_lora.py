@@ -55,6 +55,12 @@ def test_grpo_step_updates_only_the_adapters_and_keeps_no_base_optimizer_state()
     adapter_bytes = sum(v.nbytes for k, v in after.items() if lora.is_adapter_path(k))
     moments = nbytes(trainer._opt_state)
     assert 2 * adapter_bytes <= moments < 2 * adapter_bytes + 1024  # Adam's two moments of the adapters, no more
+    state = trainer.state()  # what a checkpoint holds: the adapters and their optimizer state, no base weights
+    assert set(state) == {"params", "opt_state"}
+    saved = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(state["params"])}
+    assert saved == {k for k in after if lora.is_adapter_path(k)}
+    trainer.restore(state)  # the adapters rejoin the frozen base
+    np.testing.assert_array_equal(flat_params(trainer.model)[next(iter(base_before))], next(iter(base_before.values())))
 
 
 def test_reference_is_the_base_model_with_adapters_off():
