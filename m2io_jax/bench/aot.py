@@ -240,11 +240,16 @@ def report(config: ml_collections.ConfigDict, dump_dir: str | None = None) -> di
     lora_config = config.lora if tpu.program == "grpo" else ml_collections.ConfigDict({"rank": 0})
     model = abstract_model(model_cfg, lora_config)
     work = workload(config, model_cfg, processes, mesh)
-    with jax.set_mesh(mesh):
-        if tpu.program == "grpo":
-            resident, programs = _grpo_programs(config, model, model_cfg, work, mesh, dump_dir, chip)
-        else:
-            resident, programs = _sample_programs(model, model_cfg, work, mesh, dump_dir, chip)
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # executables for a topology cannot be loaded back
+    try:
+        with jax.set_mesh(mesh):
+            if tpu.program == "grpo":
+                resident, programs = _grpo_programs(config, model, model_cfg, work, mesh, dump_dir, chip)
+            else:
+                resident, programs = _sample_programs(model, model_cfg, work, mesh, dump_dir, chip)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     return _summarise(config, chip, mesh, model_cfg, work, resident, programs, capacity)
 
 
@@ -385,11 +390,12 @@ def _summarise(config: ml_collections.ConfigDict, chip: chips.Chip, mesh: jax.sh
          f"{'analytic':>10} {'XLA opt s':>10} {'HLO est s':>10} {'MFU':>6}  collectives (executed)")
     figures = {}
     for c in programs:
-        mfu = c.analytic_flops / (c.estimated_seconds * peak) if c.estimated_seconds > 0 and c.analytic_flops else 0.0
+        timed = c.estimated_seconds > 0 and c.analytic_flops > 0 and not c.hlo.unknown_loops
+        mfu = c.analytic_flops / (c.estimated_seconds * peak) if timed else None  # a loop counted once: no MFU
         collectives = ", ".join(f"{k} {v:g}" for k, v in sorted(c.hlo.collectives_executed.items())) or "none"
         _say(f"  {c.name:<20} {c.seconds:9.1f} {c.temp_bytes / gib:9.2f} {c.xla_flops / 1e12:10.3f} "
              f"{c.hlo.flops / 1e12:10.3f} {c.analytic_flops / 1e12:10.3f} {c.optimal_seconds:10.4f} "
-             f"{c.estimated_seconds:10.4f} {mfu:6.1%}  {collectives}"
+             f"{c.estimated_seconds:10.4f} {'n/a' if mfu is None else f'{mfu:.1%}':>6}  {collectives}"
              + (f"  [{c.hlo.unknown_loops} loop(s) of unknown trip count counted once]" if c.hlo.unknown_loops
                 else ""))
         figures[c.name] = {
