@@ -302,37 +302,36 @@ def _finite_rewards(name: str, result: SideResult, expected: int) -> None:
 
 def run_workload(directory: str, size: str, w: Workload, *, steps: int, warmup: int, sides: Sequence[str],
                  logits_gib: float) -> dict[str, Any]:
-    """`sides` on workload `w`, each in its own process (`run_isolated`); prints its table and returns its
-    figures."""
+    """`sides` on workload `w`, each in its own process (`run_isolated`); prints its table (a side's row as soon
+    as that side is done, so that a later side's failure keeps it) and returns its figures."""
     shape = SIZES[size]
     total = warmup + steps
     micro = micro_batch_prompts(shape, w, logits_gib)
-    sides = {name: run_isolated(f"{name} side of {w}", RUNNERS[name], directory, shape, w, total, micro)
-             for name in sides}
-    for name, result in sides.items():
-        _finite_rewards(name, result, total * NUM_PROMPTS * w.samples)
     print(f"\n{size} model, prompt {w.prompt} + {w.new} new, {NUM_PROMPTS} prompts x G={w.samples}, beta {BETA}; "
-          f"median of {steps} steps after {warmup} warm-up"
-          + f"; update micro-batches of {micro} prompts", flush=True)
+          f"median of {steps} steps after {warmup} warm-up; update micro-batches of {micro} prompts", flush=True)
     print(f"  {'side':10s} {'s/step':>8s} {'steps/s':>8s} " + " ".join(f"{k:>9s}" for k in SPLIT)
-          + f" {'peak GiB':>9s}")
-    for name, result in sides.items():
+          + f" {'peak GiB':>9s}", flush=True)
+    results: dict[str, SideResult] = {}
+    for name in sides:
+        result = run_isolated(f"{name} side of {w}", RUNNERS[name], directory, shape, w, total, micro)
+        _finite_rewards(name, result, total * NUM_PROMPTS * w.samples)
         split = result.median_split(warmup)
         print(f"  {name:10s} {statistics.median(result.timed(warmup)):8.2f} {result.steps_per_second(warmup):8.4f} "
               + " ".join(f"{split[k]:9.2f}" for k in SPLIT) + f" {result.peak_rss_gib:9.2f}", flush=True)
+        results[name] = result
     out: dict[str, Any] = {
         "workload": str(w),
-        "steps_per_s": {k: round(r.steps_per_second(warmup), 5) for k, r in sides.items()},
-        "time_split_s": {k: {s: round(v, 3) for s, v in r.median_split(warmup).items()} for k, r in sides.items()},
-        "steps": {k: len(r.step_seconds) for k, r in sides.items()},
-        "reward_range": {k: [min(r.rewards), max(r.rewards)] for k, r in sides.items()},
-        "peak_rss_gib": {k: round(r.peak_rss_gib, 2) for k, r in sides.items()},
+        "steps_per_s": {k: round(r.steps_per_second(warmup), 5) for k, r in results.items()},
+        "time_split_s": {k: {s: round(v, 3) for s, v in r.median_split(warmup).items()} for k, r in results.items()},
+        "steps": {k: len(r.step_seconds) for k, r in results.items()},
+        "reward_range": {k: [min(r.rewards), max(r.rewards)] for k, r in results.items()},
+        "peak_rss_gib": {k: round(r.peak_rss_gib, 2) for k, r in results.items()},
         "micro_batch_prompts": micro,
     }
-    if "m2io_jax" in sides:
-        out["m2io_jax_compiles_in_timed_steps"] = sides["m2io_jax"].compiles_in_timed_steps(warmup)
-    if len(sides) == len(SIDES):
-        ratio = sides["m2io_jax"].steps_per_second(warmup) / sides["tunix"].steps_per_second(warmup)
+    if "m2io_jax" in results:
+        out["m2io_jax_compiles_in_timed_steps"] = results["m2io_jax"].compiles_in_timed_steps(warmup)
+    if len(results) == len(SIDES):
+        ratio = results["m2io_jax"].steps_per_second(warmup) / results["tunix"].steps_per_second(warmup)
         out["ratio"] = round(ratio, 3)
         print(f"  m2io_jax / tunix: {ratio:.2f}x")
     return out
