@@ -1,6 +1,6 @@
 """GRPO step throughput: m2io_jax's `rl.Trainer` against tunix's `GRPOLearner`.
 
-    python -m m2io_jax.bench.grpo [--size=40m] [--workloads=1024x128,128x128] [--steps=3] [--sides=m2io_jax,tunix]
+    python -m m2io_jax.bench.grpo [--size=40m] [--workloads=1024x128,128x128] [--steps=3] [--sides=SIDE ...]
 
 The random Qwen2 of `m2io_jax.bench.sampler` (`--size`, `--workloads` and `--samples` are that module's flags)
 is written once as a Hugging Face safetensors checkpoint and loaded by both sides, float32, on the same CPU
@@ -24,7 +24,8 @@ text, which here is the ids separated by spaces).
 Memory: every side of every workload (and the checkpoint writer, which imports torch) runs in a fresh process
 of its own, one at a time, so that no side's arrays, compiled programs or allocator pages are resident while the
 other runs; the peak resident memory of a run is the largest single side's, which the table and the JSON report
-(`peak_rss_gib`, the child's maximum resident set). `--sides` runs one side only (no ratio then).
+(`peak_rss_gib`, the side process's VmHWM). `--sides=tunix` (or `--sides=m2io_jax`) runs that side alone (no
+ratio then); both is the default.
 
 The first `--warmup_steps` steps (compilation) are excluded; figures are medians over `--steps` timed steps.
 Each step draws fresh prompts (the same on both sides). The last line is one JSON object with, per workload,
