@@ -16,7 +16,7 @@ learning rate 1e-6, temperature 1); anchors format with `<think>`.
 
 import ml_collections
 
-from m2io_jax import train_config
+from m2io_jax import systems, train_config
 from m2io_jax.data import mramg
 
 VISION = (r"visual/.*", 0.1)
@@ -24,6 +24,7 @@ VISION = (r"visual/.*", 0.1)
 
 def get_config(checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.ConfigDict:
     c = train_config.get_config()
+    c.systems = systems.get_systems_config()  # answer / evaluate --system: checkpoints, generator, batches
     c.model.checkpoint = checkpoint
     c.model.processor.max_pixels = 256 * 28 * 28
     c.mesh.fsdp = -1

@@ -12,11 +12,12 @@ steps of 8 prompts x 8 samples; 5.5 minutes on the 2-core CPU (README, Training)
 
 import ml_collections
 
-from m2io_jax import train_config
+from m2io_jax import systems, train_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = train_config.get_config()
+    c.systems = systems.get_systems_config()  # answer / evaluate --system: checkpoints, generator, batches
     c.data.retrieval.top_k = 3
     c.data.candidates.max_images = 6
     c.pipeline.max_prompt_tokens = 512

@@ -142,6 +142,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     if spec is None or spec.loader is None:
         raise UserError(f"--{CONFIG_FLAG}={path}: {file_path} is not a Python file")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (and pickling) look their module up while it executes
     spec.loader.exec_module(module)
     if not callable(getattr(module, "get_config", None)):
         raise UserError(f"--{CONFIG_FLAG}={path}: {file_path} defines no get_config()")

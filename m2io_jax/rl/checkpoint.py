@@ -40,7 +40,7 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run stopped early on purpose; rerunning 
 RESUMABLE_FIELDS = (
     "sft.num_steps", "grpo.num_steps", "sft.optimizer.total_steps", "optimizer.total_steps",
     "log_every", "print_every", "samples_every", "num_samples_logged", "max_nonfinite_in_a_row", "eval",
-    "checkpoint", "mesh", "distributed", "profile",
+    "checkpoint", "mesh", "distributed", "profile", "systems",
     "compilation_cache_dir",
 )
 """Config fields (and sections) that may differ on resume; any other changed field stops the run."""
