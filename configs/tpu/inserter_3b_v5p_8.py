@@ -3,7 +3,9 @@
     JAX_PLATFORMS=cpu python -m m2io_jax.bench.aot --config=configs/tpu/inserter_3b_v5p_8.py
 
 Like v4, a v5p chip's two TensorCores run as one megacore device; libtpu's "v5p:2x2x1" already reports the
-VM's 4 devices (2 cores each). Mesh fsdp 4; 16 prompts per step x G = 8, micro-batches of 4 prompts.
+VM's 4 devices (2 cores each). Mesh fsdp 2 x tensor 2 (a whole 8192-token prompt's update per device needs
+about 59 GB of temporaries, see configs/tpu/inserter_3b_v6e_8.py); 16 prompts per step x G = 8, micro-batches
+of 2 prompts, full fine-tuning.
 """
 
 import importlib.util
@@ -22,5 +24,5 @@ def _base():
 
 
 def get_config(checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.ConfigDict:
-    return _base().inserter_grpo("v5p:2x2x1", mesh={"fsdp": 4}, batch_size=16, micro_batch_prompts=4,
+    return _base().inserter_grpo("v5p:2x2x1", mesh={"fsdp": 2, "tensor": 2}, batch_size=16, micro_batch_prompts=2,
                                  checkpoint=checkpoint)

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -77,7 +78,7 @@ class Compiled:
     optimal_seconds: float
     hlo: hlo_costs.HloCosts
     analytic_flops: float  # per device
-    executable: Any = dataclasses.field(repr=False)
+    executable: Any = dataclasses.field(repr=False)  # None: the compiler refused it (temporaries over HBM)
 
     @property
     def estimated_seconds(self) -> float:
@@ -161,7 +162,17 @@ def compile_program(name: str, jitted: Any, args: Sequence[Any], analytic_flops:
                     chip: chips.Chip, static: Sequence[Any] = ()) -> Compiled:
     """Lowers and compiles `jitted(*static, *args)` and reads its memory, costs and HLO (timed on `chip`)."""
     start = time.perf_counter()
-    executable = jitted.lower(*static, *args).compile()
+    try:
+        executable = jitted.lower(*static, *args).compile()
+    except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses temporaries beyond the device's HBM
+        needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(error))
+        if "RESOURCE_EXHAUSTED" not in str(error) or needed is None:
+            raise
+        seconds = time.perf_counter() - start
+        _say(f"  {name}: the compiler refuses it: {needed.group(1)} GB of temporaries exceed the device's HBM")
+        return Compiled(name=name, seconds=seconds, temp_bytes=int(float(needed.group(1)) * 1e9), xla_flops=0.0,
+                        optimal_seconds=0.0, hlo=hlo_costs.HloCosts(0.0, 0.0, {}, {}, 0, ()),
+                        analytic_flops=analytic_flops, executable=None)
     seconds = time.perf_counter() - start
     memory = executable.memory_analysis()
     costs = executable.cost_analysis()
@@ -179,6 +190,13 @@ def compile_program(name: str, jitted: Any, args: Sequence[Any], analytic_flops:
                       analytic_flops=analytic_flops, executable=executable)
     _say(f"  compiled {name} in {seconds:.1f} s")
     return result
+
+
+def _needed(program: Compiled) -> None:
+    """Later programs take `program`'s outputs: stop with the fit verdict when it could not be compiled."""
+    if program.executable is None:
+        raise cli.UserError(f"does not fit in device memory: {program.name} needs "
+                            f"{program.temp_bytes / 1e9:.1f} GB of temporaries (the compiler's figure)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +285,7 @@ def _sampler_programs(model: nnx.Module, model_cfg: Any, work: Workload, mesh: j
     with shd.use_rules(sampling_rules()):
         prefill = compile_program("rollout_prefill", prefill_jit, (params, inputs, *per_row, stops, seed, features),
                                   flops.prefill(model_cfg, r, p).total / devices, dump_dir, chip, static=(program,))
+        _needed(prefill)
         prefix, state = prefill.executable.out_info
         prefix_s, state_s = prefill.executable.output_shardings
         prefix, state = _with_sharding(prefix, prefix_s), _with_sharding(state, state_s)
@@ -328,6 +347,7 @@ def _grpo_programs(config: ml_collections.ConfigDict, model: nnx.Module, model_c
                                  flops.vision_forward(model_cfg.vision, work.grids).total / devices, dump_dir,
                                  chip, static=(spec,))
         programs.append(vision)
+        _needed(vision)
         features = _with_sharding(vision.executable.out_info, vision.executable.output_shardings)
     kv, sampler = _sampler_programs(model, model_cfg, work, mesh, sampler_params, inputs, features, dump_dir,
                                    chip)
