@@ -92,30 +92,34 @@ def test_changed_config_names_the_fields_but_allows_cadence_and_step_counts():
         checkpoint.check_config(saved, {**saved, "seed": 1, "grpo": {"num_steps": 10, "beta": 0.0}}, "DIR")
 
 
-def _config(steps):
+def _config(steps, lora_rank=0):
     config = _shrink(cli.load_config(os.path.join(CONFIGS, "tiny.py")))
     config.sft.num_steps = config.grpo.num_steps = steps
     config.eval.before_training = config.eval.rule_baseline = False
     config.checkpoint.every_steps = 1
+    config.lora.rank = lora_rank
     return config
 
 
-def _params(workdir):
-    """The latest step of `workdir`'s checkpoints and its parameters, restored as saved."""
+def _params(workdir, step=None):
+    """A step (default: the latest) of `workdir`'s checkpoints and its parameters, restored as saved."""
     ckpts = checkpoint.RunCheckpoints(workdir, SETTINGS)
-    step = ckpts.latest_step()
+    step = ckpts.latest_step() if step is None else step
     restored = ckpts.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
     return step, _host(restored.params)
 
 
 def _metrics_without_time(workdir):
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_second", "compiled_programs"))}
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_second", "compiled_programs", "perf/"))}
             for r in _records(workdir)]
 
 
-def test_resume_after_sigterm_gives_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora_rank", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_resume_after_sigterm_gives_the_uninterrupted_run(tmp_path, monkeypatch, lora_rank):
+    """With LoRA the GRPO checkpoints hold the adapters alone, and the resumed stage rebuilds their base from
+    the SFT stage's saved model."""
     whole = str(tmp_path / "whole")
-    train.train(_config(2), whole)
+    train.train(_config(2, lora_rank), whole)
 
     parts = str(tmp_path / "parts")
     grpo_step = Trainer.grpo_step
@@ -127,23 +131,28 @@ def test_resume_after_sigterm_gives_the_uninterrupted_run(tmp_path, monkeypatch)
 
     monkeypatch.setattr(Trainer, "grpo_step", terminated_during_step)
     with pytest.raises(checkpoint.Preempted):
-        train.train(_config(2), parts)
+        train.train(_config(2, lora_rank), parts)
     monkeypatch.setattr(Trainer, "grpo_step", grpo_step)
     saved = checkpoint.RunCheckpoints(parts, SETTINGS).saved()
     assert saved.position == checkpoint.Position("grpo", 1, 2)  # the step SIGTERM arrived in, complete
     assert not os.path.exists(os.path.join(parts, "final"))
 
-    changed = _config(2)
+    changed = _config(2, lora_rank)
     changed.grpo.beta = 0.5
     with pytest.raises(cli.UserError, match=r"grpo\.beta"):
         train.train(changed, parts)
-    results = train.train(_config(2), parts)
+    results = train.train(_config(2, lora_rank), parts)
 
     assert _params(parts)[0] == _params(whole)[0] == 4
     for a, b in zip(_params(whole)[1], _params(parts)[1]):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     assert _metrics_without_time(parts) == _metrics_without_time(whole)
     assert list(results) == ["sft", "grpo"] and results == json.load(open(os.path.join(whole, "eval.json")))
+    if lora_rank:
+        saved = {k for k in checkpoint.RunCheckpoints(parts, SETTINGS).saved().param_shapes}
+        assert saved and all("'lora'" in k for k in saved)  # the adapters alone
+        for a, b in zip(_params(parts, step=2)[1], _params(whole, step=2)[1]):  # the SFT stage's full weights
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
