@@ -1,8 +1,12 @@
 """The TPU chip table: device kinds, per-device figures under megacore, and the topology layouts it claims."""
 
+import os
+
 import pytest
 
 from m2io_jax import chips
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another test process may hold libtpu: compiling only
 
 
 @pytest.mark.parametrize("kind, name", [("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("tpu v5e", "v5e"),
