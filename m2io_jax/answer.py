@@ -43,7 +43,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory (i
 _QUESTION = flags.DEFINE_string("question", None, "a question to answer")
 _QUESTIONS = flags.DEFINE_string("questions", None, "a file of questions: .jsonl ({\"question\": ..., \"id\": ...} "
                                  "per line) or plain text (one question per line)")
-_OUT = flags.DEFINE_string("out", "answer.md", "the Markdown file to write")
+_OUT = flags.DEFINE_string("out", "answer.md", "the Markdown file to write", allow_override=True)
 _HTML = flags.DEFINE_string("html", "answer.html", "the self-contained HTML page to write")
 _SYSTEM = flags.DEFINE_enum("system", "m2io", systems.SYSTEM_NAMES, "which system answers")
 _DATASET = flags.DEFINE_string("dataset", None, "the dataset whose corpus is searched (default: the config's "
