@@ -237,7 +237,7 @@ def load_state(
         spec = by_path[path]
         shape = tuple(variable.get_value().shape)
         if mesh is None:
-            sharding = SingleDeviceSharding(jax.devices()[0])
+            sharding = SingleDeviceSharding(jax.local_devices()[0])  # this process's own device
         else:
             spec_ = shd.logical_to_spec(shd.variable_logical_axes(variable), shape, mesh)
             sharding = jax.sharding.NamedSharding(mesh, spec_)
