@@ -72,6 +72,7 @@ class HloCosts:
     collectives_executed: dict[str, float]
     unknown_loops: int
     trip_counts: tuple[int, ...]  # of the loops whose count was read, in order of appearance
+    unknown_loop_seconds: tuple[float, ...] = ()  # roofline time of one iteration of each unknown-count loop
 
 
 def _nbytes(type_text: str) -> int:
@@ -246,6 +247,7 @@ def analyse(hlo_text: str, peak_flops: float = 1.0, hbm_bandwidth: float = 1.0) 
     static = Counter()
     unknown: list[int] = []
     trips: list[int] = []
+    iteration_seconds: dict[str, float] = {}
 
     @functools.lru_cache(maxsize=None)
     def cost(name: str, scheduled: bool) -> tuple[float, float, tuple[tuple[str, float], ...]]:
@@ -265,6 +267,8 @@ def analyse(hlo_text: str, peak_flops: float = 1.0, hbm_bandwidth: float = 1.0) 
                 n = trip_count(computations.get(condition.lstrip("%"), [])) if condition else None
                 (trips if n is not None else unknown).append(n or 1)
                 callees = [(body.lstrip("%"), n or 1, True)]
+                if n is None:
+                    iteration_seconds[body.lstrip("%")] = cost(body.lstrip("%"), True)[1]
             elif instruction.opcode == "conditional":
                 branches = _OPERAND.findall(instruction.attribute("branch_computations") or "")
                 branches += [b.lstrip("%") for b in (instruction.attribute("true_computation"),
@@ -296,4 +300,5 @@ def analyse(hlo_text: str, peak_flops: float = 1.0, hbm_bandwidth: float = 1.0) 
                 static[kind] += 1
     flops, seconds, executed = cost(entry, True)
     return HloCosts(flops=flops, seconds=seconds, collectives_static=dict(static),
-                    collectives_executed=dict(executed), unknown_loops=len(unknown), trip_counts=tuple(trips))
+                    collectives_executed=dict(executed), unknown_loops=len(unknown), trip_counts=tuple(trips),
+                    unknown_loop_seconds=tuple(iteration_seconds.values()))
