@@ -34,6 +34,7 @@ import ml_collections
 
 from m2io_jax import cli, models, sampling, train_config
 from m2io_jax.inserter.candidates import Candidates
+from m2io_jax.inserter.task import decode_completion
 from m2io_jax.models import tiny
 from m2io_jax.retrieval.chunking import Chunk
 from m2io_jax.rl import config as rl_config
@@ -242,13 +243,7 @@ def fit_prompt(tokenizer: Any, question: str, passages: Sequence[str], images: S
 
 def decode_answer(tokenizer: Any, token_ids: Sequence[int], stop_tokens: Sequence[int]) -> str:
     """The answer text: tokens up to the first stop token, special tokens skipped, outer whitespace stripped."""
-    stops = set(stop_tokens)
-    kept = []
-    for token in token_ids:
-        if int(token) in stops:
-            break
-        kept.append(int(token))
-    return tokenizer.decode(kept, skip_special_tokens=True).strip()
+    return decode_completion(tokenizer, token_ids, stop_tokens, skip_special_tokens=True).strip()
 
 
 def sampler_buckets(config: ml_collections.ConfigDict) -> sampling.Buckets:

@@ -24,16 +24,17 @@ from m2io_jax.inserter import rewards as rewards_lib
 from m2io_jax.inserter.example import InsertionExample
 
 
-def decode_completion(tokenizer: Any, token_ids: Sequence[int], stop_tokens: Sequence[int]) -> str:
-    """The text of a completion: its tokens up to (not including) the first stop token, special tokens kept
-    (a stray `<|im_start|>` is text outside the answer tags, which the parser must see)."""
+def decode_completion(tokenizer: Any, token_ids: Sequence[int], stop_tokens: Sequence[int], *,
+                      skip_special_tokens: bool = False) -> str:
+    """The text of a completion: its tokens up to (not including) the first stop token, special tokens kept by
+    default (a stray `<|im_start|>` is text outside the answer tags, which the inserter's parser must see)."""
     stops = set(stop_tokens)
     kept = []
     for token in token_ids:
         if int(token) in stops:
             break
         kept.append(int(token))
-    return tokenizer.decode(kept, skip_special_tokens=False)
+    return tokenizer.decode(kept, skip_special_tokens=skip_special_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
