@@ -45,9 +45,9 @@ _QUESTIONS = flags.DEFINE_string("questions", None, "a file of questions: .jsonl
                                  "per line) or plain text (one question per line)")
 _OUT = flags.DEFINE_string("out", "answer.md", "the Markdown file to write", allow_override=True)
 _HTML = flags.DEFINE_string("html", "answer.html", "the self-contained HTML page to write")
-_SYSTEM = flags.DEFINE_enum("system", "m2io", systems.SYSTEM_NAMES, "which system answers")
+_SYSTEM = flags.DEFINE_enum("system", "m2io", systems.SYSTEM_NAMES, "which system answers", allow_override=True)
 _DATASET = flags.DEFINE_string("dataset", None, "the dataset whose corpus is searched (default: the config's "
-                               "first of data.datasets)")
+                               "first of data.datasets)", allow_override=True)
 _CONFIG = cli.define_config(train_config, "the run's settings, optionally with a systems section "
                             "(default: m2io_jax/train_config.py)")
 

@@ -79,7 +79,8 @@ from m2io_jax.run_log import (
     write_json,
 )
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory for the run's outputs (created if missing; required)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for the run's outputs (created if missing; required)",
+                               allow_override=True)
 _CONFIG = cli.define_config(train_config, "training settings (default: m2io_jax/train_config.py)")
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "grain", "transformers", "tokenizers", "numpy", "ml-collections",

@@ -23,10 +23,11 @@ from absl import flags
 from m2io_jax import cli
 
 _ENCODER = flags.DEFINE_string("encoder", "", "checkpoint directory (default: the packaged MiniLM)")
-_THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads")
+_THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads", allow_override=True)
 _NUM_SHORT = flags.DEFINE_integer("num_short", 2000, "short sentences in the first workload")
 _NUM_CHUNKS = flags.DEFINE_integer("num_chunks", 64, "256-token passages in the second workload")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "timed runs per encoder and workload (the best counts)")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "timed runs per encoder and workload (the best counts)",
+                                allow_override=True)
 
 _WORDS = (
     "the a of retrieval image answer question model corpus passage embedding index search vector recipe manual "

@@ -67,7 +67,8 @@ SHORTER_PER_PROMPT = 3
 _CASES = flags.DEFINE_list(
     "cases", [f"{m}@{s}" for m in MODELS for s in ("576x32x2x8", "1024x128x8x8")],
     "log-prob cases MODEL@PxNxBxG (models: " + ", ".join(MODELS) + ")")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per layout and case, and timed steps per refresh case")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per layout and case, and timed steps per refresh case",
+                                allow_override=True)
 _MAX_TIMED_TOKENS = flags.DEFINE_integer("max_timed_tokens", 0, "run a log-prob case only when its full layout "
                                          "holds at most this many tokens (0: no limit); larger: FLOPs only")
 _REFRESH_CASES = flags.DEFINE_list("refresh_cases", ["vl_tiny@512x32x8x8", "text_40m@128x32x8x8"],

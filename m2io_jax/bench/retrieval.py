@@ -32,8 +32,9 @@ _NUM_VECTORS = flags.DEFINE_integer("num_vectors", 100_000, "synthetic database 
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 2_000, "synthetic queries")
 _CLUSTERS = flags.DEFINE_integer("clusters", 1_000, "clusters of the synthetic mixture")
 _THREADS = flags.DEFINE_integer("threads", _THREADS_DEFAULT,
-                                "threads for numpy/faiss (BLAS env vars are read at import: set OMP_NUM_THREADS too)")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed searches per method (the best counts)")
+                                "threads for numpy/faiss (BLAS env vars are read at import: set OMP_NUM_THREADS too)",
+                                                          allow_override=True)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed searches per method (the best counts)", allow_override=True)
 _CURVE = flags.DEFINE_bool("curve", True, "sweep ScaNN's search-time parameters on the synthetic set")
 _DEMO = flags.DEFINE_bool("demo", True, "also measure the demo corpus's MiniLM embeddings")
 

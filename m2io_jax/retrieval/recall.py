@@ -36,8 +36,9 @@ from m2io_jax.retrieval import chunking
 from m2io_jax.retrieval import retriever as retriever_lib
 
 _DATASET = flags.DEFINE_string("dataset", None, "dataset to measure, e.g. recipe or demo_manual (default: each of "
-                               "config.datasets)")
-_SPLIT = flags.DEFINE_enum("split", None, splits_lib.SPLITS, "measure only this split's questions (default: all)")
+                               "config.datasets)", allow_override=True)
+_SPLIT = flags.DEFINE_enum("split", None, splits_lib.SPLITS, "measure only this split's questions (default: all)",
+                           allow_override=True)
 _CONFIG = cli.define_config(data_config, "data and retrieval settings (default: m2io_jax/data/config.py)")
 
 

@@ -12,7 +12,7 @@ from absl import flags
 from m2io_jax import cli
 from m2io_jax.data.demo import CORPUS_DIR, build
 
-_OUT = flags.DEFINE_string("out", CORPUS_DIR, "output directory (MRAMG layout)")
+_OUT = flags.DEFINE_string("out", CORPUS_DIR, "output directory (MRAMG layout)", allow_override=True)
 
 
 def main(argv: Sequence[str]) -> None:
