@@ -46,7 +46,7 @@ import types
 from typing import Any, Callable, NoReturn, Sequence
 
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 CONFIG_FLAG = "config"
@@ -194,6 +194,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _guarded(main: Callable[[list[str]], Any], argv: Sequence[str]) -> Callable[[list[str]], Any]:
     def guarded_main(args: list[str]) -> Any:
+        if not flags.FLAGS["verbosity"].present:  # absl's INFO lines (Orbax logs every save and restore step)
+            logging.set_verbosity(logging.WARNING)  # drown the progress lines; --verbosity=0 brings them back
         try:
             return main(args)
         except app.UsageError as error:
@@ -209,7 +211,8 @@ def _guarded(main: Callable[[list[str]], Any], argv: Sequence[str]) -> Callable[
 def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
     """Defines the declared `--config` flag, parses the command line and runs `main` (wraps `absl.app.run`).
 
-    User mistakes end in one stderr line and a non-zero exit (see the module docstring).
+    User mistakes end in one stderr line and a non-zero exit (see the module docstring). absl logs warnings
+    and errors only, unless `--verbosity=0` (INFO) is given.
     """
     argv = list(sys.argv if argv is None else argv)
     handle = _declared.get(main.__module__)
