@@ -65,6 +65,7 @@ from m2io_jax.rl.checkpoint import (
     RunCheckpoints,
     SigtermFlag,
     check_config,
+    flat_config,
     save_hf_model,
 )
 from m2io_jax.rl.trainer import PromptBatch, RewardResult, Trainer
@@ -316,7 +317,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
     datasets = sources.load_datasets(config.data, image_dir=local_dir(workdir, "images"))
     checkpoint = model_checkpoint(config, datasets, workdir)
     mesh = sharding.make_mesh(config.mesh.to_dict()) if config.mesh else None
-    model = models.from_pretrained(checkpoint, mesh=mesh)
+    overrides = flat_config(config.model.overrides.to_dict())
+    model = models.from_pretrained(checkpoint, mesh=mesh, overrides=overrides)
     processor = Qwen2_5_VLProcessor.from_pretrained(checkpoint, config=model.config, **config.model.processor)
     encoder = sentence_encoder.load_encoder(config.data.retrieval.encoder_path)
     examples, counts = prepare_examples(config, datasets, processor, encoder)
@@ -426,7 +428,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
             else:
                 sft_steps = 0 if position is None else position.sft_steps
                 if sft_steps > 0 and config.lora.rank > 0:  # LoRA checkpoints hold the adapters alone; their
-                    model = models.from_pretrained(local_copy(workdir, "sft"), mesh=mesh)  # base: the SFT model
+                    model = models.from_pretrained(local_copy(workdir, "sft"), mesh=mesh,  # base: the SFT model
+                                                   overrides=overrides)
             if config.grpo.num_steps > 0:
                 trainer = Trainer(lora.apply_config(model, config.lora), config, reward_fn=reward_fn,
                                   stop_tokens=stop_tokens, suppress_tokens=suppress_tokens, mesh=mesh)

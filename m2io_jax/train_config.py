@@ -17,6 +17,9 @@ Sections:
              `{workdir}/init` with `model.tiny` (vocab_size, text_shape, vision_shape, min_pixels, max_pixels,
              seed), its tokenizer trained on the run's corpus and rendered completions. processor: keyword
              overrides of the image processor (e.g. max_pixels) for `Qwen2_5_VLProcessor.from_pretrained`.
+             overrides: the model config's run-time fields by nested name (`models.from_pretrained(overrides=)`:
+             dtype (the compute dtype of activations and matmuls), remat, attention_impl, ...), e.g.
+             --config.model.overrides.text.attention_impl=pallas.
   eval       batch_size, max_new_tokens (greedy), max_examples (0 = the whole validation split),
              before_training (also evaluate the initial model, as stage "init"), rule_baseline (score the
              caption-similarity baseline, its threshold chosen on the validation split, as stage "rule").
@@ -70,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.checkpoint = ""
     c.model.processor = ml_collections.ConfigDict()
+    c.model.overrides = ml_collections.ConfigDict()
     c.model.tiny = ml_collections.ConfigDict()
     c.model.tiny.vocab_size = 2048
     c.model.tiny.text_shape = dict(tiny.TEXT_SHAPE)

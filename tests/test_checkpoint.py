@@ -110,8 +110,8 @@ def _params(workdir, step=None):
 
 
 def _metrics_without_time(workdir):
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_second", "compiled_programs", "perf/"))}
-            for r in _records(workdir)]
+    timings = ("time/", "tokens_per_second", "compiled_programs", "perf/")
+    return [{k: v for k, v in r.items() if not k.startswith(timings)} for r in _records(workdir)]
 
 
 @pytest.mark.parametrize("lora_rank", [0, pytest.param(2, marks=pytest.mark.slow)])

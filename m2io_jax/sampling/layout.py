@@ -17,12 +17,14 @@ from m2io_jax import sharding as shd
 
 
 def sampling_rules(rules: shd.Rules | None = None) -> shd.Rules:
-    """The logical-axis rules for sampling: parameters lose the fsdp axis (no all-gather per token)."""
+    """The logical-axis rules for sampling: parameters lose the data-parallel axes, fsdp and data (no all-gather
+    per token; measured on a 7B generator over (data 2, fsdp 4): 477 all-gathers per decode step with weights
+    left sharded over data)."""
     activations = {"batch", "length", "cache_length"}
     out = []
     for name, axes in (shd.current_rules() if rules is None else rules):
         if name not in activations and not name.startswith("act_") and axes is not None:
-            kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "fsdp")
+            kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a not in ("fsdp", "data"))
             axes = kept or None
         out.append((name, axes))
     return tuple(out)
