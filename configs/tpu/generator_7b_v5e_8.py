@@ -10,21 +10,15 @@ all-gathers them (measured: 477 all-gathers per step). 32 prompts of 4096 tokens
 512 new tokens each.
 """
 
-import importlib.util
 import os
+import runpy
 
 import ml_collections
 
-
-def _base():
-    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
-    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                          "base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# configs/ is not a package: the shared builders are loaded by path
+BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return _base().generator_serving("v5e:2x4", chips_per_host_bounds=(2, 4, 1), mesh={"fsdp": 2, "tensor": 4},
+    return BASE["generator_serving"]("v5e:2x4", chips_per_host_bounds=(2, 4, 1), mesh={"fsdp": 2, "tensor": 4},
                                      batch_size=32, prompt_length=4096, max_new_tokens=512)

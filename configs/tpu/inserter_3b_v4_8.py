@@ -11,21 +11,15 @@ accumulator of the full model would take 15 of the 32 GiB per device on 4 device
 8 prompts per step x G = 8, micro-batches of 1 prompt.
 """
 
-import importlib.util
 import os
+import runpy
 
 import ml_collections
 
-
-def _base():
-    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
-    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                          "base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# configs/ is not a package: the shared builders are loaded by path
+BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config(checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.ConfigDict:
-    return _base().inserter_grpo("v4:2x2x1", mesh={"tensor": 4}, batch_size=8, micro_batch_prompts=1, lora_rank=16,
+    return BASE["inserter_grpo"]("v4:2x2x1", mesh={"tensor": 4}, batch_size=8, micro_batch_prompts=1, lora_rank=16,
                                  checkpoint=checkpoint)

@@ -10,21 +10,15 @@ with full fine-tuning's vision tower, on top of 6.5 GiB of full fine-tuning's st
 configs/tpu/inserter_3b_v5e_8.py.
 """
 
-import importlib.util
 import os
+import runpy
 
 import ml_collections
 
-
-def _base():
-    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
-    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                          "base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# configs/ is not a package: the shared builders are loaded by path
+BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config(checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.ConfigDict:
-    return _base().inserter_grpo("v5e:4x4", mesh={"fsdp": 4, "tensor": 4}, batch_size=2, micro_batch_prompts=4,
+    return BASE["inserter_grpo"]("v5e:4x4", mesh={"fsdp": 4, "tensor": 4}, batch_size=2, micro_batch_prompts=4,
                                  lora_rank=16, checkpoint=checkpoint)

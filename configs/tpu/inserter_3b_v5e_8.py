@@ -14,21 +14,15 @@ reference copy) needs 22.4 GiB per chip in the compile report (11.6 GiB resident
 temporaries), over 0.9 x 16 GiB; LoRA's figures are in the README, "TPU compile report".
 """
 
-import importlib.util
 import os
+import runpy
 
 import ml_collections
 
-
-def _base():
-    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
-    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                          "base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# configs/ is not a package: the shared builders are loaded by path
+BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config(checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.ConfigDict:
-    return _base().inserter_grpo("v5e:2x4", chips_per_host_bounds=(2, 4, 1), mesh={"fsdp": 2, "tensor": 4},
+    return BASE["inserter_grpo"]("v5e:2x4", chips_per_host_bounds=(2, 4, 1), mesh={"fsdp": 2, "tensor": 4},
                                  batch_size=8, micro_batch_prompts=2, lora_rank=16, checkpoint=checkpoint)

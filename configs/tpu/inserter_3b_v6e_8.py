@@ -8,21 +8,15 @@ alone, and the compiler refuses it (59 GB of temporaries against 31.25 GB of HBM
 MLP. 16 prompts per step x G = 8, micro-batches of 2 prompts, full fine-tuning.
 """
 
-import importlib.util
 import os
+import runpy
 
 import ml_collections
 
-
-def _base():
-    """configs/tpu/base.py (configs/ is not a package: loaded by path)."""
-    spec = importlib.util.spec_from_file_location("tpu_base", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                          "base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# configs/ is not a package: the shared builders are loaded by path
+BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config(checkpoint: str = "Qwen2.5-VL-3B-Instruct") -> ml_collections.ConfigDict:
-    return _base().inserter_grpo("v6e:2x4", chips_per_host_bounds=(2, 4, 1), mesh={"fsdp": 2, "tensor": 4},
+    return BASE["inserter_grpo"]("v6e:2x4", chips_per_host_bounds=(2, 4, 1), mesh={"fsdp": 2, "tensor": 4},
                                  batch_size=16, micro_batch_prompts=2, checkpoint=checkpoint)
