@@ -136,6 +136,8 @@ def main(argv: Sequence[str]) -> None:
     if name not in config.data.datasets:
         raise cli.UserError(f"--dataset={name}: expected one of config.data.datasets {tuple(config.data.datasets)}")
     enable_compilation_cache(config.get("compilation_cache_dir", ""))
+    if "systems" in config:
+        systems.use_trained_generator_settings(config, workdir)
 
     start = time.perf_counter()
     data = config.data.copy_and_resolve_references()

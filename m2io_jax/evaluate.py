@@ -186,7 +186,8 @@ def split_config(config: ml_collections.ConfigDict, workdir: str) -> tuple[ml_co
                                                                          ml_collections.ConfigDict]:
     """(run config, evaluation settings) of `--config` (see the module docstring): a run config given as
     `--config` is used as is; otherwise the run's `{workdir}/config.json`. Absent evaluation sections and an
-    absent `systems` section take their defaults."""
+    absent `systems` section take their defaults; the workdir's demo generators are served with the settings
+    they were trained with (`systems.trained_generator_settings`)."""
     settings = eval_config.get_config()
     if "data" in config:
         run = ml_collections.ConfigDict(config.to_dict())
@@ -203,6 +204,7 @@ def split_config(config: ml_collections.ConfigDict, workdir: str) -> tuple[ml_co
             run = ml_collections.ConfigDict(json.load(f))
     if "systems" not in run:
         run.systems = systems.get_systems_config()
+    systems.use_trained_generator_settings(run, workdir)
     return run, settings
 
 

@@ -34,7 +34,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import ml_collections
@@ -53,6 +53,7 @@ from m2io_jax.models.qwen2_5_vl_processor import IMAGE_PAD, Qwen2_5_VLProcessor
 from m2io_jax.retrieval import index_cache
 from m2io_jax.retrieval import retriever as retriever_lib
 from m2io_jax.retrieval.chunking import Chunk
+from m2io_jax.run_log import say
 
 SYSTEM_NAMES = ("m2io", "m2io-sft", "rule", "llm", "oracle-text")
 STAGES = ("retrieve", "generate", "insert")
@@ -82,6 +83,53 @@ def get_systems_config() -> ml_collections.ConfigDict:
     c.index = "cache"
     c.batch_size = 16
     return c
+
+
+
+GENERATOR_CONFIG = "generator_config.json"
+"""What `python -m m2io_jax.train_generator` writes into its workdir: the config the generators were trained with."""
+
+
+def trained_generator_settings(run: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
+    """Makes `run.systems.generator` the settings the workdir's demo generators were trained with (module
+    docstring); returns {field: (before, after)} of the fields that changed (empty when none did or when the run
+    names generator checkpoints of its own)."""
+    section = run.systems.generator
+    path = os.path.join(workdir, GENERATOR_CONFIG)
+    if section.checkpoint or section.llm_checkpoint or not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        trained = json.load(f).get("generator")
+    if not isinstance(trained, dict):
+        raise cli.UserError(f"{path}: no \"generator\" section; expected the config train_generator wrote")
+    unknown = sorted(set(trained) - set(section.keys()))
+    if unknown:
+        raise cli.UserError(f"{path}: generator fields {unknown} are not in systems.generator "
+                            f"({sorted(section.keys())}); expected train_generator's config of this version")
+    changed = {}
+    for field, value in trained.items():
+        if field in ("checkpoint", "llm_checkpoint"):
+            continue
+        before = section[field].to_dict() if isinstance(section[field], ml_collections.ConfigDict) else section[field]
+        if _comparable(before) != _comparable(value):
+            changed[field] = (before, value)
+            section[field] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    return changed
+
+
+def _comparable(value: Any) -> Any:
+    """`value` with tuples as lists (a config's tuples come back from JSON as lists)."""
+    if isinstance(value, Mapping):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return value
+
+def use_trained_generator_settings(run: ml_collections.ConfigDict, workdir: str) -> None:
+    """`trained_generator_settings`, each changed field printed (what `answer` and `evaluate` run with)."""
+    for field, (before, after) in trained_generator_settings(run, workdir).items():
+        say(f"{workdir}: systems.generator.{field} = {after!r} as the generators were trained "
+            f"({GENERATOR_CONFIG}; the run config has {before!r})")
 
 
 @dataclasses.dataclass

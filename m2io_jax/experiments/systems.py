@@ -52,9 +52,6 @@ FORMAT_SYSTEMS = ("m2io", "oracle-text")
 """The systems run in both output formats: end to end, and on the gold text."""
 FTII_SYSTEMS = ("m2io", "m2io-sft")
 """The inserters the FTII evaluation scores against the rule baseline."""
-GENERATOR_CONFIG = "generator_config.json"
-"""What `python -m m2io_jax.train_generator` writes into its workdir: the config the generators were trained with."""
-
 PLACEMENT = "Place."
 P50, P95 = "p50 s", "p95 s"
 GENERATE_TOKENS, INSERT_TOKENS = "gen tok", "ins tok"
@@ -62,42 +59,6 @@ INSERT_SECONDS = "ins s"
 SYSTEM_COLUMNS = (*metrics.COLUMNS, PLACEMENT, P50, P95, GENERATE_TOKENS, INSERT_TOKENS)
 FORMAT_COLUMNS = ("F1", "Ord.", "R.L.", PLACEMENT, INSERT_TOKENS, INSERT_SECONDS, P50)
 FTII_COLUMNS = ("accuracy", "precision", "slots", "placed")
-
-
-def trained_generator_settings(run: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple[Any, Any]]:
-    """Makes `run.systems.generator` the settings the workdir's demo generators were trained with (module
-    docstring); returns {field: (before, after)} of the fields that changed (empty when none did or when the run
-    names generator checkpoints of its own)."""
-    section = run.systems.generator
-    path = os.path.join(workdir, GENERATOR_CONFIG)
-    if section.checkpoint or section.llm_checkpoint or not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        trained = json.load(f).get("generator")
-    if not isinstance(trained, dict):
-        raise cli.UserError(f"{path}: no \"generator\" section; expected the config train_generator wrote")
-    unknown = sorted(set(trained) - set(section.keys()))
-    if unknown:
-        raise cli.UserError(f"{path}: generator fields {unknown} are not in systems.generator "
-                            f"({sorted(section.keys())}); expected train_generator's config of this version")
-    changed = {}
-    for field, value in trained.items():
-        if field in ("checkpoint", "llm_checkpoint"):
-            continue
-        before = section[field].to_dict() if isinstance(section[field], ml_collections.ConfigDict) else section[field]
-        if _comparable(before) != _comparable(value):
-            changed[field] = (before, value)
-            section[field] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-    return changed
-
-
-def _comparable(value: Any) -> Any:
-    """`value` with tuples as lists (a config's tuples come back from JSON as lists)."""
-    if isinstance(value, Mapping):
-        return {k: _comparable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_comparable(v) for v in value]
-    return value
 
 
 def share_generators(inline: ml_collections.ConfigDict, anchors: ml_collections.ConfigDict, workdir: str) -> None:
@@ -193,12 +154,8 @@ def json_ready(value: Any) -> Any:
 
 def load_run(settings: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """The run config of `workdir` (its config.json, or `settings` when it is a run config), the demo generators'
-    trained settings applied (printed when they change anything)."""
-    run, _ = evaluate.split_config(settings, workdir)
-    for field, (before, after) in trained_generator_settings(run, workdir).items():
-        print(f"{workdir}: systems.generator.{field} = {after!r} as the generators were trained "
-              f"({GENERATOR_CONFIG}; the run config has {before!r})")
-    return run
+    trained settings applied (`evaluate.split_config`)."""
+    return evaluate.split_config(settings, workdir)[0]
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory with the demo generators (final/, sft/, "

@@ -27,7 +27,7 @@ def _run_config() -> ml_collections.ConfigDict:
 
 
 def _write_generator_config(workdir, section: dict) -> None:
-    with open(os.path.join(workdir, table.GENERATOR_CONFIG), "w", encoding="utf-8") as f:
+    with open(os.path.join(workdir, systems.GENERATOR_CONFIG), "w", encoding="utf-8") as f:
         json.dump({"generator": section, "seed": 0}, f)
 
 
@@ -35,21 +35,21 @@ def test_demo_generators_are_served_with_their_trained_settings(tmp_path):
     trained = cli.load_config(os.path.join(CONFIGS, "demo_generator.py")).generator.to_dict()
     _write_generator_config(tmp_path, trained)
     run = _run_config()
-    changed = table.trained_generator_settings(run, str(tmp_path))
+    changed = systems.trained_generator_settings(run, str(tmp_path))
     assert changed["max_prompt_tokens"] == (1024, 512) and changed["max_new_tokens"] == (128, 96)
     assert "top_k" not in changed  # 3 in both
     section = run.systems.generator
     assert (section.max_prompt_tokens, section.max_new_tokens, section.batch_size) == (512, 96, 16)
     assert list(section.buckets.prompt_lengths) == [256, 512]
     assert section.checkpoint == "" and section.llm_checkpoint == ""
-    assert table.trained_generator_settings(run, str(tmp_path)) == {}  # now equal
+    assert systems.trained_generator_settings(run, str(tmp_path)) == {}  # now equal
 
 
 def test_configured_generator_checkpoints_keep_the_run_settings(tmp_path):
     _write_generator_config(tmp_path, {"max_new_tokens": 7})
     run = _run_config()
     run.systems.generator.checkpoint = "/data/Qwen2.5-3B-Instruct"
-    assert table.trained_generator_settings(run, str(tmp_path)) == {}
+    assert systems.trained_generator_settings(run, str(tmp_path)) == {}
     assert run.systems.generator.max_new_tokens == 128
 
 
@@ -58,9 +58,9 @@ def test_configured_generator_checkpoints_keep_the_run_settings(tmp_path):
     ({"generator": {"max_new_tokens": 96, "beam_width": 4}}, r"generator fields \['beam_width'\] are not in"),
 ])
 def test_unexpected_generator_config_is_a_user_error(tmp_path, content, message):
-    (tmp_path / table.GENERATOR_CONFIG).write_text(json.dumps(content))
+    (tmp_path / systems.GENERATOR_CONFIG).write_text(json.dumps(content))
     with pytest.raises(cli.UserError, match=message):
-        table.trained_generator_settings(_run_config(), str(tmp_path))
+        systems.trained_generator_settings(_run_config(), str(tmp_path))
 
 
 def test_inline_run_shares_the_anchors_runs_generators(tmp_path):
