@@ -144,6 +144,18 @@ class Embeddings(nnx.Module):
         return self.norm(x)  # [B, T, D]
 
 
+# Layout of q, k, v and the context by sequence length. From HEADS_MAJOR_MIN_LENGTH tokens on, heads-major
+# [B, H, T, Dh]: XLA:CPU runs the batched score and context products 1.2x (128 tokens) to 1.7x (256 tokens) faster
+# per forward than tokens-major [B, T, H, Dh]. Below it the attention products are small and the transposes into
+# and out of heads-major cost more than they save: tokens-major is 11% faster at 16 tokens and 5% at 24 (MiniLM,
+# one AMD EPYC Zen 5 core, AVX-512; equal at 32 and 64). Einsums: projection, scores, context, output projection.
+HEADS_MAJOR_MIN_LENGTH = 32
+_ATTENTION_EINSUMS = {
+    True: ("btd,dhk->bhtk", "bhqk,bhtk->bhqt", "bhqt,bhtk->bhqk", "bhtk,hkd->btd"),
+    False: ("btd,dhk->bthk", "bqhk,bthk->bhqt", "bhqt,bthk->bqhk", "bthk,hkd->btd"),
+}
+
+
 class SelfAttention(nnx.Module):
     """Bidirectional multi-head attention with separate Q/K/V projections ([D, H, Dh] kernels)."""
 
@@ -157,17 +169,21 @@ class SelfAttention(nnx.Module):
         self.out_bias = param(rngs, (d,), ("encoder_embed",), dtype, init="zeros")
 
     def __call__(self, x: jax.Array, attention_bias: jax.Array) -> jax.Array:
-        # Heads-major [B, H, T, Dh] layout: XLA:CPU runs the batched score and context products of this layout
-        # about 1.3x faster than [B, T, H, Dh]. The 1/sqrt(Dh) scale is folded into q (one pass less over
-        # the [B, H, T, T] scores).
+        # The 1/sqrt(Dh) scale is folded into q (one pass less over the [B, H, T, T] scores).
+        project, scores, mix, merge = _ATTENTION_EINSUMS[x.shape[1] >= HEADS_MAJOR_MIN_LENGTH]
+        heads_major = project.endswith("bhtk")
+
+        def projection(kernel: nnx.Param, bias: nnx.Param) -> jax.Array:
+            return jnp.einsum(project, x, kernel[...]) + (bias[...][:, None] if heads_major else bias[...])
+
         scale = 1.0 / math.sqrt(self.query_kernel.shape[-1])
-        q = (jnp.einsum("btd,dhk->bhtk", x, self.query_kernel[...]) + self.query_bias[...][:, None]) * scale
-        k = jnp.einsum("btd,dhk->bhtk", x, self.key_kernel[...]) + self.key_bias[...][:, None]
-        v = jnp.einsum("btd,dhk->bhtk", x, self.value_kernel[...]) + self.value_bias[...][:, None]
-        logits = jnp.einsum("bhqk,bhtk->bhqt", q, k).astype(jnp.float32)  # [B, H, T, T]
+        q = projection(self.query_kernel, self.query_bias) * scale  # [B, H, T, Dh] or [B, T, H, Dh]
+        k = projection(self.key_kernel, self.key_bias)
+        v = projection(self.value_kernel, self.value_bias)
+        logits = jnp.einsum(scores, q, k).astype(jnp.float32)  # [B, H, T, T]
         probs = jax.nn.softmax(logits + attention_bias, axis=-1).astype(x.dtype)
-        context = jnp.einsum("bhqt,bhtk->bhqk", probs, v)
-        return jnp.einsum("bhtk,hkd->btd", context, self.out_kernel[...]) + self.out_bias[...]
+        context = jnp.einsum(mix, probs, v)
+        return jnp.einsum(merge, context, self.out_kernel[...]) + self.out_bias[...]
 
 
 class Layer(nnx.Module):
