@@ -267,7 +267,7 @@ _BARRIER_TIMEOUT_MS = 60 * 60 * 1000
 _barriers = 0
 
 
-def _wait_for_all_processes(name: str) -> None:
+def wait_for_all_processes(name: str) -> None:
     """A barrier over the distributed runtime's key-value store (no device collective, so no device timeout)."""
     global _barriers
     from jax._src import distributed  # the client's barrier has no public wrapper; multihost_utils' uses devices
@@ -308,6 +308,6 @@ class LockstepJit:
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._jitted.lower(*args).compile()
-            _wait_for_all_processes(f"compiled {self._name}")
+            wait_for_all_processes(f"compiled {self._name}")
             self._compiled[key] = compiled
         return compiled(*(a for i, a in enumerate(args) if i not in self._static))

@@ -50,7 +50,6 @@ import ml_collections
 from absl import flags
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from m2io_jax import cli, fit, models, profiling, sharding, train_config
 from m2io_jax.buckets import bucket_size
@@ -128,14 +127,19 @@ def local_dir(workdir: str, name: str) -> str:
     return os.path.expanduser(os.path.join("~/.cache/m2io_jax/workdirs", key, str(jax.process_index()), name))
 
 
+def copy_files(source: epath.Path, target: epath.Path) -> None:
+    """The files of directory `source` into `target` (created if missing), either side local or remote."""
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        file.copy(target / file.name, overwrite=True)
+
+
 def local_copy(workdir: str, name: str) -> str:
     """A local path of the directory `{workdir}/{name}` (copied into `local_dir` from a remote workdir)."""
     if is_local(workdir):
         return os.path.join(workdir, name)
     target = local_dir(workdir, name)
-    os.makedirs(target, exist_ok=True)
-    for file in (epath.Path(workdir) / name).iterdir():
-        file.copy(epath.Path(target) / file.name, overwrite=True)
+    copy_files(epath.Path(workdir) / name, epath.Path(target))
     return target
 
 
@@ -148,10 +152,7 @@ def save_model_dir(model: Any, processor: Qwen2_5_VLProcessor, source: str, work
     with tempfile.TemporaryDirectory() as staging:
         save_hf_model(model, processor, source, staging)
         if is_main_process():
-            target = epath.Path(workdir) / name
-            target.mkdir(parents=True, exist_ok=True)
-            for file in epath.Path(staging).iterdir():
-                file.copy(target / file.name, overwrite=True)
+            copy_files(epath.Path(staging), epath.Path(workdir) / name)
 
 
 def model_checkpoint(config: ml_collections.ConfigDict, datasets: Sequence[sources.SplitDataset], workdir: str) -> str:
@@ -170,7 +171,7 @@ def model_checkpoint(config: ml_collections.ConfigDict, datasets: Sequence[sourc
                                    text_shape=spec.text_shape.to_dict(), vision_shape=spec.vision_shape.to_dict(),
                                    seed=spec.seed, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("m2io_jax.train: tiny model built")
+        sharding.wait_for_all_processes("tiny model built")  # no device collective: no 30 s gloo timeout
     return path
 
 
