@@ -131,28 +131,41 @@ def measure(model: nnx.Module, config: ml_collections.ConfigDict, *, stage: str,
                         completion_length=completion_length, suppress_tokens=suppress_tokens, mesh=mesh)
 
 
-def _measure(model: nnx.Module, config: ml_collections.ConfigDict, *, stage: str, prompts: Sequence[Sequence[int]],
-             images: Sequence[Any] | None, completion_length: int, suppress_tokens: Sequence[int],
-             mesh: jax.sharding.Mesh | None) -> tuple[dict[str, int], dict[str, int]]:
+def abstract_trainer(model: nnx.Module, config: ml_collections.ConfigDict, *, temperature: float,
+                     suppress_tokens: Sequence[int], mesh: jax.sharding.Mesh | None,
+                     shardings: Any = None) -> tuple[steps.StepSpec, nnx.State]:
+    """The step spec and abstract master parameters that `rl.trainer.Trainer` builds for `model` under `config`
+    (sections grpo, optimizer, rollout): the trained part in param_dtype, a LoRA base in the compute dtype;
+    `shardings`: a tree like the model's state (None: each leaf's own)."""
     grpo_config = ml_collections.ConfigDict(config.grpo.to_dict())
     if grpo_config.max_completion_length is None:
         grpo_config.max_completion_length = config.rollout.max_new_tokens
-    rollout, optimizer = config.rollout, config.optimizer
+    optimizer = config.optimizer
     adapters = lora.has_adapters(model)
     graphdef, state = nnx.split(model)
-    train_shardings = None if mesh is None else shd.state_shardings(state, mesh)
 
-    def master(tree: nnx.State) -> nnx.State:  # the trainer's: trained part in param_dtype, a LoRA base in compute
+    def master(tree: nnx.State) -> nnx.State:
         trained, frozen = steps.split_trainable(adapters, tree)
         return steps.join_trainable(cast_floating(trained, optimizer.param_dtype),
                                     None if frozen is None else cast_floating(frozen, optimizer.compute_dtype))
 
-    params = _abstract(jax.eval_shape(master, state), train_shardings)
+    params = _abstract(jax.eval_shape(master, state), shardings)
+    spec = steps.StepSpec.create(graphdef, params, temperature=temperature, suppress_tokens=suppress_tokens,
+                                 grpo_config=grpo_config, optimizer_config=optimizer, mesh=mesh,
+                                 vision_parameters=model.vision_parameters, adapters=adapters)
+    return spec, params
+
+
+def _measure(model: nnx.Module, config: ml_collections.ConfigDict, *, stage: str, prompts: Sequence[Sequence[int]],
+             images: Sequence[Any] | None, completion_length: int, suppress_tokens: Sequence[int],
+             mesh: jax.sharding.Mesh | None) -> tuple[dict[str, int], dict[str, int]]:
+    rollout, optimizer = config.rollout, config.optimizer
+    state = nnx.state(model)
+    train_shardings = None if mesh is None else shd.state_shardings(state, mesh)
+    spec, params = abstract_trainer(model, config, temperature=rollout.temperature if stage == "grpo" else 1.0,
+                                    suppress_tokens=suppress_tokens, mesh=mesh, shardings=train_shardings)
+    grpo_config, adapters = spec.grpo_config(), spec.adapters
     trainable = steps.split_trainable(adapters, params)[0]
-    spec = steps.StepSpec.create(graphdef, params, temperature=rollout.temperature if stage == "grpo" else 1.0,
-                                 suppress_tokens=suppress_tokens, grpo_config=grpo_config,
-                                 optimizer_config=optimizer, mesh=mesh, vision_parameters=model.vision_parameters,
-                                 adapters=adapters)
     init = steps.init_optimizer_program(spec, params).lower(spec, params)
     opt_state = _abstract(init.out_info, init.compile().output_shardings)
 

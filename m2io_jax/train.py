@@ -192,6 +192,12 @@ def prepare_examples(config: ml_collections.ConfigDict, datasets: Sequence[sourc
     return examples, counts
 
 
+def stage_trainer_config(config: ml_collections.ConfigDict,
+                         optimizer: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The trainer config of a stage: the run's grpo and rollout sections with `optimizer` (SFT: config.sft's)."""
+    return ml_collections.ConfigDict({"grpo": config.grpo, "optimizer": optimizer, "rollout": config.rollout})
+
+
 def prompt_batch(batch: Sequence[pipeline.PromptExample], *, with_targets: bool) -> PromptBatch:
     return PromptBatch(token_ids=[list(e.prompt_ids) for e in batch], images=[e.images for e in batch],
                        examples=[e.example for e in batch],
@@ -206,8 +212,7 @@ def check_fit(config: ml_collections.ConfigDict, model: Any, train_examples: Seq
     the backend reports no memory) and stops with its message when a stage does not fit."""
     stages = []
     if config.sft.num_steps > 0 and sft_examples:
-        sft_config = ml_collections.ConfigDict({"grpo": config.grpo, "optimizer": config.sft.optimizer,
-                                                "rollout": config.rollout})
+        sft_config = stage_trainer_config(config, config.sft.optimizer)
         r = config.rollout
         target = bucket_size(max(len(e.target_ids) for e in sft_examples), tuple(r.completion_lengths),
                              r.min_completion_length, "target length")
@@ -413,8 +418,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
                 if not sft_examples:
                     raise cli.UserError("config.sft.num_steps > 0 but no training example has an SFT target (gold "
                                         "anchors unknown for all); set config.sft.num_steps=0")
-                sft_config = ml_collections.ConfigDict({"grpo": config.grpo, "optimizer": config.sft.optimizer,
-                                                        "rollout": config.rollout})
+                sft_config = stage_trainer_config(config, config.sft.optimizer)
                 trainer = Trainer(model, sft_config, reward_fn=None, stop_tokens=stop_tokens,
                                   suppress_tokens=suppress_tokens, mesh=mesh)
                 batches = pipeline.batches(sft_examples, batch_size=config.sft.batch_size, seed=seed)

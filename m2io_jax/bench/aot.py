@@ -309,23 +309,11 @@ def _grpo_programs(config: ml_collections.ConfigDict, model: nnx.Module, model_c
                    mesh: jax.sharding.Mesh, dump_dir: str | None, chip: chips.Chip,
                    ) -> tuple[dict[str, int], list[Compiled]]:
     """The GRPO step's programs with the trainer's arguments (`rl.trainer.Trainer`, `rl.steps`)."""
-    grpo_config = ml_collections.ConfigDict(config.grpo.to_dict())
-    if grpo_config.max_completion_length is None:
-        grpo_config.max_completion_length = config.rollout.max_new_tokens
-    optimizer = config.optimizer
-    adapters = lora.has_adapters(model)
-    graphdef, state = nnx.split(model)
+    state = nnx.state(model)
     train_shardings = shd.state_shardings(state, mesh)
-
-    def master(tree: nnx.State) -> nnx.State:  # the trainer's: trained part in param_dtype, a LoRA base in compute
-        trained, frozen = steps.split_trainable(adapters, tree)
-        return steps.join_trainable(cast_floating(trained, optimizer.param_dtype),
-                                    None if frozen is None else cast_floating(frozen, optimizer.compute_dtype))
-
-    params = _with_sharding(jax.eval_shape(master, state), train_shardings)
-    spec = steps.StepSpec.create(graphdef, params, temperature=config.rollout.temperature, suppress_tokens=(),
-                                 grpo_config=grpo_config, optimizer_config=optimizer, mesh=mesh,
-                                 vision_parameters=model.vision_parameters, adapters=adapters)
+    spec, params = fit.abstract_trainer(model, config, temperature=config.rollout.temperature, suppress_tokens=(),
+                                        mesh=mesh, shardings=train_shardings)
+    grpo_config, adapters, optimizer = spec.grpo_config(), spec.adapters, config.optimizer
     opt_state = _with_sharding(jax.eval_shape(functools.partial(steps.rl_init_optimizer, spec), params),
                                steps.optimizer_state_shardings(spec, params))
     trainable = steps.split_trainable(adapters, params)[0]

@@ -288,9 +288,9 @@ def _town_names(rng: random.Random, n: int) -> list[str]:
     return names
 
 
-def build_web(rng: random.Random, out: str) -> _Writer:
+def build_web(rng: random.Random, out: str, scale: int = 1) -> _Writer:
     w = _Writer("demo_web", out)
-    towns = _town_names(rng, 20)
+    towns = _town_names(rng, 20 * scale)
     doc_id = 1000
     for town in towns:
         kind_of_town = rng.choice(TOWN_KINDS)
@@ -349,12 +349,12 @@ EXTRAS = {"onion": "white", "garlic": "white", "carrot": "orange", "pepper": "re
 GARNISH = {"parsley": "green", "chilli": "red", "basil": "green", "pepper flakes": "black", "cream": "white"}
 
 
-def build_recipe(rng: random.Random, out: str) -> _Writer:
+def build_recipe(rng: random.Random, out: str, scale: int = 1) -> _Writer:
     w = _Writer("demo_recipe", out)
     combos = [(f, d) for f in FLAVOURS for d in DISHES]
     rng.shuffle(combos)
-    cooks = _town_names(rng, 30)
-    for n, (flavour, dish) in enumerate(combos[:30]):
+    cooks = _town_names(rng, 30 * scale)
+    for n, (flavour, dish) in enumerate(combos[:30 * scale]):
         doc_id = 2000 + n
         title = f"{cooks[n]} {flavour} {dish}"
         method, verb, _ = DISHES[dish]
@@ -451,12 +451,16 @@ BRANDS = (
 )
 
 
-def build_manual(rng: random.Random, out: str) -> _Writer:
+def build_manual(rng: random.Random, out: str, scale: int = 1) -> _Writer:
     w = _Writer("demo_manual", out)
-    for n, (device, parts) in enumerate(DEVICES.items()):
-        doc_id = 3000 + n
-        model = f"{BRANDS[n]} {rng.choice('KLMRSTVX')}-{rng.randrange(10, 99)}"
-        title = f"{model} {device}"
+    titles: set[str] = set()
+    for doc_id, (n, (device, parts)) in enumerate(
+            ((n, item) for _ in range(scale) for n, item in enumerate(DEVICES.items())), start=3000):
+        title = ""
+        while not title or title in titles:  # a later round draws a new model code for the same brand
+            model = f"{BRANDS[n]} {rng.choice('KLMRSTVX')}-{rng.randrange(10, 99)}"
+            title = f"{model} {device}"
+        titles.add(title)
         colours = rng.sample([c for c in COLOURS if c not in ("white",)], 4)
         coloured = list(zip(parts, colours))
         warranty = rng.choice((1, 2, 3, 5))
@@ -552,15 +556,26 @@ def build_manual(rng: random.Random, out: str) -> _Writer:
     return w
 
 
-def generate(out: str = CORPUS_DIR) -> list[str]:
-    """Writes the three demo datasets under `out` (replacing what is there); returns their names."""
+MAX_SCALE = 3
+"""The largest `scale`: the recipes use up their 90 flavour-dish pairs at 90 recipes."""
+
+
+def generate(out: str = CORPUS_DIR, scale: int = 1) -> list[str]:
+    """Writes the three demo datasets under `out` (replacing what is there); returns their names.
+
+    `scale` multiplies the towns, recipes and manuals (a later round of manuals gives the same devices new model
+    codes): 1 is the embedded corpus (262 questions); the learning experiment (`m2io_jax.experiments.learning`)
+    generates a larger one at run time rather than committing it. The same `scale` writes the same bytes.
+    """
+    if not 1 <= scale <= MAX_SCALE:
+        raise ValueError(f"demo corpus scale={scale}: expected 1..{MAX_SCALE}")
     for sub in ("images", "images_info"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     rng = random.Random(SEED)
     names = []
     for build in (build_web, build_recipe, build_manual):
-        writer = build(rng, out)
+        writer = build(rng, out, scale)
         writer.write()
         names.append(writer.name)
     return names
