@@ -6,7 +6,7 @@ The tiny run of `configs/tiny.py` (same model, prompts, rewards and optimizers),
   - the demo corpus generated at 3x its embedded size (`learning.corpus_scale`: 786 questions), split 75 / 10 /
     15 into train / validation / test, so that the test split holds over 100 questions and is used only for the
     table, while validation makes every choice (SFT plateau, checkpoints, the rule threshold);
-  - SFT up to 1000 steps, stopped at its validation plateau (`learning.patience` evaluations without a gain);
+  - SFT up to 600 steps, stopped at its validation plateau (`learning.patience` evaluations without a gain);
   - GRPO with beta = 0.04: the k3 KL to the SFT model is in the loss and in the diagnostics.
 """
 
@@ -26,6 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.learning = learning_config.get_learning_config()
     c.data.split.validation = 0.1
     c.data.split.test = 0.15
-    c.sft.num_steps = 1000  # the cap; the plateau usually stops SFT earlier
+    c.sft.num_steps = 600  # the cap (its learning rate decays over it); the plateau may stop SFT earlier
     c.grpo.beta = 0.04
     return c

@@ -62,6 +62,10 @@ from m2io_jax.run_log import say, write_json
 
 _OUT = flags.DEFINE_string("out", None, "directory for the experiment's runs, results.json and table.md (required)")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "seeds per arm (0, 1, ...)", lower_bound=1)
+_VARIANTS = flags.DEFINE_multi_enum("variants", ["anchors", "no_captions", "inline"],
+                                    ["anchors", "no_captions", "inline"],
+                                    "variants to train (anchors: rule, sft, sft_continued, grpo; no_captions: "
+                                    "their captions-withheld sft and grpo; inline: the inline-format sft and grpo)")
 _CONFIG = cli.define_config(train_config, "training settings with a `learning` section (configs/learning.py)")
 
 SPLITS = ("train", "validation", "test")
@@ -72,7 +76,8 @@ COLUMNS = {"P": "image_precision", "R": "image_recall", "F1": "image_f1", "Ord."
            "Place.": "placement_accuracy", "reward": "reward", "tokens": "decode_tokens"}
 FORMAT_COLUMNS = {"F1": "image_f1", "Place.": "placement_accuracy", "reward": "reward",
                   "tokens": "decode_tokens", "s/answer": "seconds_per_answer"}
-DIAGNOSTICS = ("reward/mean", "groups_all_tied", "kl", "clip_fraction", "entropy", "completion_length")
+DIAGNOSTICS = ("reward/mean", "reward/format", "reward/selection", "reward/order", "reward/placement",
+               "groups_all_tied", "kl", "clip_fraction", "entropy", "completion_length")
 VERDICT_METRICS = ("image_f1", "placement_accuracy")
 
 
@@ -254,7 +259,7 @@ def train_arm(trainer: Trainer, stage: str, batches: Iterator[list[pipeline.Prom
         scores = validate(trainer.model)
         curve.append({"step": step, **scores})
         say(f"  [{stage} {step}/{num_steps}] validation {metric}={scores[metric]:.4f} "
-                  f"F1={scores['image_f1']:.4f} place={scores['placement_accuracy']:.4f}")
+            f"F1={scores['image_f1']:.4f} place={scores['placement_accuracy']:.4f}")
         if best is None or scores[metric] > best[0] + settings.min_delta:
             best, stale = (scores[metric], step, Snapshot.of(trainer.model)), 0
         else:
@@ -353,7 +358,8 @@ def run_variant(data: VariantData, checkpoint: str, variant: str, *, seed: int,
                                                        seed=seed + 1),
                      num_steps=num_steps, validate=validate, settings=settings,
                      num_generations=config.grpo.num_generations, early_stop=False)
-    results[f"grpo{suffix}"] = {**arm_result(grpo), "diagnostics": diagnostics(grpo.records),
+    curve = [{name: r[name] for name in ("step", *DIAGNOSTICS) if name in r} for r in grpo.records]
+    results[f"grpo{suffix}"] = {**arm_result(grpo), "diagnostics": diagnostics(grpo.records), "training": curve,
                                 "sft_validation": sft.curve[[c["step"] for c in sft.curve].index(sft.best_step)]}
     return results
 
@@ -504,9 +510,13 @@ def report(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], rule: Mappin
 # ------------------------------------------------------------------------------------------------ main
 
 
-def run_experiment(config: ml_collections.ConfigDict, out: str, num_seeds: int) -> tuple[str, dict[str, Any]]:
-    """Trains and scores every arm for seeds 0..num_seeds-1 (module docstring); returns the tables and the JSON
-    summary, also written to `{out}/table.md` and `{out}/results.json`."""
+def run_experiment(config: ml_collections.ConfigDict, out: str, num_seeds: int,
+                   variants: Sequence[str] = VARIANTS) -> tuple[str, dict[str, Any]]:
+    """Trains and scores the arms of `variants` for seeds 0..num_seeds-1 (module docstring); returns the tables
+    and the JSON summary, also written to `{out}/table.md` and `{out}/results.json`."""
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"variants {sorted(unknown)}: expected some of {VARIANTS}")
     start = time.perf_counter()
     settings = config.learning if "learning" in config else learning_config.get_learning_config()
     train.enable_compilation_cache(config.compilation_cache_dir)
@@ -527,9 +537,8 @@ def run_experiment(config: ml_collections.ConfigDict, out: str, num_seeds: int) 
     prepared_with: dict[str, str] = {}  # variant -> the checkpoint whose tokenizer its prompts used
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in range(num_seeds):
-        variants = [v for v in VARIANTS if v != "inline" or seed < settings.format_seeds]
         per_seed[seed] = {}
-        for variant in variants:
+        for variant in [v for v in VARIANTS if v in variants and (v != "inline" or seed < settings.format_seeds)]:
             workdir = os.path.join(out, variant, f"seed{seed}")
             done = os.path.join(workdir, "arms.json")
             if os.path.isfile(done):
@@ -553,7 +562,8 @@ def run_experiment(config: ml_collections.ConfigDict, out: str, num_seeds: int) 
     else:
         if "anchors" not in data:
             run = variant_config(config, "anchors")
-            data["anchors"] = prepare_variant(run, datasets, retrievers, os.path.join(out, "anchors", "seed0", "init"))
+            checkpoint = seed_checkpoint(run, datasets, os.path.join(out, "anchors", "seed0"), 0)
+            data["anchors"] = prepare_variant(run, datasets, retrievers, checkpoint)
         rule = rule_arm(data["anchors"], encoder)
         write_json(rule_path, rule)
     text, payload = report(per_seed, rule, counts, time.perf_counter() - start)
@@ -566,7 +576,7 @@ def run_experiment(config: ml_collections.ConfigDict, out: str, num_seeds: int) 
 def main(argv: Sequence[str]) -> None:
     cli.no_positional_arguments(argv)
     cli.require(_OUT)
-    text, payload = run_experiment(_CONFIG.value, _OUT.value, _SEEDS.value)
+    text, payload = run_experiment(_CONFIG.value, _OUT.value, _SEEDS.value, _VARIANTS.value)
     print(text)
     print(json.dumps(payload))
 

@@ -25,7 +25,7 @@ def get_learning_config() -> ml_collections.ConfigDict:
     c.corpus_scale = 3
     c.min_test_questions = 100
     c.eval_every = 50
-    c.patience = 3
+    c.patience = 6
     c.min_delta = 0.005
     c.select_metric = "reward"
     c.continued_sft_batch_size = 0

@@ -173,7 +173,15 @@ def test_command_at_one_seed_prints_every_arm_and_metric(tmp_path):
     assert arms["grpo"]["tokens"]["steps"] == 2 and arms["sft_continued"]["tokens"]["steps"] == 2
     assert arms["sft"]["best_step"] in (2, 4)
     assert "kl" in arms["grpo"]["diagnostics"]  # configs/learning.py: beta > 0
-    # a second run finds every (variant, seed) done and only reports
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # a second run finds every (variant, seed) done and only reports; --variants keeps the arms asked for
+    again = subprocess.run([*command, "--variants=anchors"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout.strip().splitlines()[-1])["summary"] == payload["summary"]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])["summary"]
+    assert set(summary) == {"rule", "sft", "sft_continued", "grpo"}
+    assert all(summary[arm] == payload["summary"][arm] for arm in summary)
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    config = cli.load_config(CONFIG)
+    with pytest.raises(ValueError, match=r"variants \['bogus'\]: expected some of"):
+        learning.run_experiment(config, str(tmp_path), 1, variants=("anchors", "bogus"))
