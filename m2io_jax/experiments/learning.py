@@ -483,11 +483,12 @@ def report(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], rule: Mappin
     """The tables (Markdown) and the JSON summary of the experiment."""
     with_rule = {seed: {"rule": rule, **arms} for seed, arms in per_seed.items()}
     summary = summarize(with_rule, ARMS, COLUMNS)
-    formats = summarize(per_seed, FORMAT_ARMS, FORMAT_COLUMNS)
+    inline_seeds = {seed: arms for seed, arms in per_seed.items() if "sft_inline" in arms}
+    formats = summarize(inline_seeds or per_seed, FORMAT_ARMS, FORMAT_COLUMNS)  # both formats on the same seeds
     decided = verdict(summary)
     lines = [f"test split: {counts['test']} questions (validation {counts['validation']}, train "
              f"{counts['train']}); {len(per_seed)} seeds; mean ± sd over seeds, quality x100; "
-             f"{seconds / 60:.1f} min", "",
+             f"{seconds / 60:.1f} min in this invocation (arms found done are read from their arms.json)", "",
              markdown_table(summary, COLUMNS, arm_extras(with_rule, ARMS)), "",
              "GRPO training (means over seeds, first tenth → last tenth of the steps):", "",
              diagnostics_table(per_seed), "",

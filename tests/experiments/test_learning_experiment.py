@@ -123,6 +123,8 @@ def test_report_has_every_arm_metric_and_the_verdict():
     assert payload["summary"]["grpo"]["image_f1"][0] == pytest.approx(0.505)
     assert payload["summary"]["rule"]["seeds"][0] == 2
     assert payload["formats"]["grpo_inline"]["seeds"][0] == 1
+    assert payload["formats"]["grpo"]["seeds"][0] == 1  # anchors on the inline arms' seeds only
+    assert payload["formats"]["grpo"]["image_f1"][0] == pytest.approx(0.5)
     assert "verdict: GRPO beats continued SFT" in text
     json.dumps(payload)
 
