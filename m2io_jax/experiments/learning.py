@@ -49,7 +49,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from m2io_jax import cli, models, train, train_config
+from m2io_jax import cli, models, systems, train, train_config
 from m2io_jax.data.demo import build as demo_build
 from m2io_jax.experiments import learning_config
 from m2io_jax.inserter import evaluation, pipeline, sources
@@ -170,15 +170,6 @@ def same_tokenizer(first: str, other: str) -> None:
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def decoded_length(token_ids: Sequence[int], stop_tokens: Sequence[int]) -> int:
-    """Tokens decoded for one answer: up to and including the first stop token."""
-    stops = set(stop_tokens)
-    for i, token in enumerate(token_ids):
-        if int(token) in stops:
-            return i + 1
-    return len(token_ids)
-
-
 def evaluate_split(model: Any, examples: Sequence[pipeline.PromptExample], data: VariantData, *,
                    timed: bool = False) -> dict[str, float]:
     """`evaluation.METRICS` of `model`'s greedy completions on `examples`, plus decode_tokens (mean per answer)
@@ -193,7 +184,7 @@ def evaluate_split(model: Any, examples: Sequence[pipeline.PromptExample], data:
     completions = complete()
     texts = [decode_completion(data.tokenizer, ids, data.stop_tokens) for ids in completions]
     scores = evaluation.score_completions(texts, examples, config.inserter)
-    scores["decode_tokens"] = float(np.mean([decoded_length(ids, data.stop_tokens) for ids in completions]))
+    scores["decode_tokens"] = float(np.mean([systems.completion_length(ids, data.stop_tokens) for ids in completions]))
     if timed:
         start = time.perf_counter()
         complete()

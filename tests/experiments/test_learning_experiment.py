@@ -85,11 +85,6 @@ def test_spread_and_verdict():
     assert learning.verdict({"grpo": summary["grpo"]}) == {}
 
 
-def test_decoded_length_counts_the_stop_token():
-    assert learning.decoded_length([5, 6, 2, 0, 0], stop_tokens=(2, 3)) == 3
-    assert learning.decoded_length([5, 6, 7], stop_tokens=(2,)) == 3
-
-
 def _arm(f1: float, *, step: int | None = 50, diagnostics: bool = False) -> dict:
     test = {metric: f1 for metric in learning.COLUMNS.values()}
     test["seconds_per_answer"] = 0.01
