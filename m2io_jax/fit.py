@@ -137,22 +137,13 @@ def abstract_trainer(model: nnx.Module, config: ml_collections.ConfigDict, *, te
     """The step spec and abstract master parameters that `rl.trainer.Trainer` builds for `model` under `config`
     (sections grpo, optimizer, rollout): the trained part in param_dtype, a LoRA base in the compute dtype;
     `shardings`: a tree like the model's state (None: each leaf's own)."""
-    grpo_config = ml_collections.ConfigDict(config.grpo.to_dict())
-    if grpo_config.max_completion_length is None:
-        grpo_config.max_completion_length = config.rollout.max_new_tokens
-    optimizer = config.optimizer
     adapters = lora.has_adapters(model)
     graphdef, state = nnx.split(model)
-
-    def master(tree: nnx.State) -> nnx.State:
-        trained, frozen = steps.split_trainable(adapters, tree)
-        return steps.join_trainable(cast_floating(trained, optimizer.param_dtype),
-                                    None if frozen is None else cast_floating(frozen, optimizer.compute_dtype))
-
+    master = functools.partial(steps.master_params, adapters=adapters, optimizer=config.optimizer)
     params = _abstract(jax.eval_shape(master, state), shardings)
     spec = steps.StepSpec.create(graphdef, params, temperature=temperature, suppress_tokens=suppress_tokens,
-                                 grpo_config=grpo_config, optimizer_config=optimizer, mesh=mesh,
-                                 vision_parameters=model.vision_parameters, adapters=adapters)
+                                 grpo_config=steps.trainer_grpo_config(config), optimizer_config=config.optimizer,
+                                 mesh=mesh, vision_parameters=model.vision_parameters, adapters=adapters)
     return spec, params
 
 

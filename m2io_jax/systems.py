@@ -85,7 +85,6 @@ def get_systems_config() -> ml_collections.ConfigDict:
     return c
 
 
-
 GENERATOR_CONFIG = "generator_config.json"
 """What `python -m m2io_jax.train_generator` writes into its workdir: the config the generators were trained with."""
 
@@ -124,6 +123,7 @@ def _comparable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_comparable(v) for v in value]
     return value
+
 
 def use_trained_generator_settings(run: ml_collections.ConfigDict, workdir: str) -> None:
     """`trained_generator_settings`, each changed field printed (what `answer` and `evaluate` run with)."""

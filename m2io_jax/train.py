@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -176,14 +176,14 @@ def model_checkpoint(config: ml_collections.ConfigDict, datasets: Sequence[sourc
 
 
 def prepare_examples(config: ml_collections.ConfigDict, datasets: Sequence[sources.SplitDataset],
-                     processor: Qwen2_5_VLProcessor, encoder: Any,
-                     ) -> tuple[dict[str, list[pipeline.PromptExample]], dict]:
-    """The examples of the train and validation splits over all datasets, and the pipeline's counts of each."""
-    retrievers = pipeline.build_retrievers(datasets, config.data, encoder)
-    examples: dict[str, list[pipeline.PromptExample]] = {split: [] for split in SPLITS}
-    counts: dict[str, dict[str, dict[str, int]]] = {split: {} for split in SPLITS}
+                     processor: Qwen2_5_VLProcessor, retrievers: Mapping[str, Any],
+                     splits: Sequence[str] = SPLITS) -> tuple[dict[str, list[pipeline.PromptExample]], dict]:
+    """The examples of each of `splits` over all datasets (`retrievers`: one per dataset name,
+    `pipeline.build_retrievers`), and the pipeline's counts of each."""
+    examples: dict[str, list[pipeline.PromptExample]] = {split: [] for split in splits}
+    counts: dict[str, dict[str, dict[str, int]]] = {split: {} for split in splits}
     for ds in datasets:
-        for split in SPLITS:
+        for split in splits:
             found, split_counts = pipeline.build_examples(
                 ds, split, retriever=retrievers[ds.name], processor=processor, data=config.data,
                 inserter=config.inserter, pipeline=config.pipeline)
@@ -327,7 +327,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] =
     model = models.from_pretrained(checkpoint, mesh=mesh, overrides=overrides)
     processor = Qwen2_5_VLProcessor.from_pretrained(checkpoint, config=model.config, **config.model.processor)
     encoder = sentence_encoder.load_encoder(config.data.retrieval.encoder_path)
-    examples, counts = prepare_examples(config, datasets, processor, encoder)
+    examples, counts = prepare_examples(config, datasets, processor,
+                                        pipeline.build_retrievers(datasets, config.data, encoder))
     write_json(os.path.join(workdir, "data.json"), counts)
     for split in SPLITS:
         totals = collections.Counter()

@@ -140,12 +140,7 @@ def prepare_variant(config: ml_collections.ConfigDict, datasets: Sequence[source
                     retrievers: Mapping[str, Any], checkpoint: str) -> VariantData:
     """The prompts of every split under the variant's config, tokenized by `checkpoint`'s tokenizer."""
     processor = Qwen2_5_VLProcessor.from_pretrained(checkpoint, **config.model.processor)
-    examples: dict[str, list[pipeline.PromptExample]] = {split: [] for split in SPLITS}
-    for ds in datasets:
-        for split in SPLITS:
-            found, _ = pipeline.build_examples(ds, split, retriever=retrievers[ds.name], processor=processor,
-                                               data=config.data, inserter=config.inserter, pipeline=config.pipeline)
-            examples[split] += found
+    examples, _ = train.prepare_examples(config, datasets, processor, retrievers, splits=SPLITS)
     for split in SPLITS:
         if not examples[split]:
             raise cli.UserError(f"the {split} split has no example under {config.data.data_dir}: the experiment "

@@ -1,7 +1,7 @@
 """The knobs of the learning experiment (`m2io_jax.experiments.learning`), its config's `learning` section.
 
 Fields:
-  corpus_scale: the demo corpus is generated at this scale into `{out}/corpus` (`m2io_jax.data.demo.build`,
+  corpus_scale: the demo corpus is generated at this scale into `{out}/corpus_x{scale}` (`m2io_jax.data.demo.build`,
     1..3; 1 is the embedded corpus), so that the test split holds enough questions and train keeps most of
     them. Used only when `config.data.data_dir` is "" (the demo); a real data_dir is read as it is.
   min_test_questions: the experiment stops before training when the test split has fewer questions.
@@ -10,8 +10,8 @@ Fields:
     `select_metric` did not beat the best so far by more than `min_delta`, or at `config.sft.num_steps`.
   select_metric: the validation metric of every choice: the SFT plateau, the checkpoint of the continued-SFT
     and GRPO arms (their best evaluation after step 0) and the rule baseline's threshold (by reward).
-  continued_sft_batch_size: gold targets per step of the continued-SFT arm; 0: `grpo.batch_size x
-    grpo.num_generations`, as many completions per step as the GRPO arm trains on.
+  continued_sft_batch_size: gold targets per step of the continued-SFT arm; 0: the batch that puts about as
+    many tokens through the update per step as a GRPO step (`learning.continued_batch_size`).
   format_seeds: the inline-format arms (SFT and GRPO) run for the first this many seeds.
 """
 

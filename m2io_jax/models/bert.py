@@ -170,8 +170,8 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, attention_bias: jax.Array) -> jax.Array:
         # The 1/sqrt(Dh) scale is folded into q (one pass less over the [B, H, T, T] scores).
-        project, scores, mix, merge = _ATTENTION_EINSUMS[x.shape[1] >= HEADS_MAJOR_MIN_LENGTH]
-        heads_major = project.endswith("bhtk")
+        heads_major = x.shape[1] >= HEADS_MAJOR_MIN_LENGTH
+        project, scores, mix, merge = _ATTENTION_EINSUMS[heads_major]
 
         def projection(kernel: nnx.Param, bias: nnx.Param) -> jax.Array:
             return jnp.einsum(project, x, kernel[...]) + (bias[...][:, None] if heads_major else bias[...])

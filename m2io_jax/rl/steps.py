@@ -153,6 +153,22 @@ def join_trainable(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:
     return trainable if frozen is None else nnx.merge_state(trainable, frozen)
 
 
+def master_params(params: nnx.State, *, adapters: bool, optimizer: ml_collections.ConfigDict) -> nnx.State:
+    """The trainer's own copy of `params`: the trainable part in `optimizer.param_dtype` (the master weights), a
+    frozen LoRA base in `optimizer.compute_dtype` (it only ever enters the forward pass)."""
+    trainable, frozen = split_trainable(adapters, params)
+    return join_trainable(cast_floating(trainable, optimizer.param_dtype),
+                          cast_floating(frozen, optimizer.compute_dtype))
+
+
+def trainer_grpo_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config.grpo` with an unset max_completion_length taken from `config.rollout.max_new_tokens`."""
+    grpo_config = ml_collections.ConfigDict(config.grpo.to_dict())
+    if grpo_config.max_completion_length is None:
+        grpo_config.max_completion_length = config.rollout.max_new_tokens
+    return grpo_config
+
+
 def _items(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
     def frozen(value: Any) -> Any:
         return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value

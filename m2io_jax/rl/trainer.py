@@ -106,9 +106,7 @@ class Trainer:
             if section not in config:
                 raise ValueError(f"trainer config has no '{section}' section; expected grpo, optimizer and rollout "
                                  f"(m2io_jax.rl.config.get_trainer_config)")
-        self._grpo = ml_collections.ConfigDict(config.grpo.to_dict())
-        if self._grpo.max_completion_length is None:
-            self._grpo.max_completion_length = config.rollout.max_new_tokens
+        self._grpo = steps.trainer_grpo_config(config)
         self._rollout = config.rollout
         self._reward_fn = reward_fn
         self._stop_tokens = tuple(int(t) for t in stop_tokens)
@@ -123,9 +121,7 @@ class Trainer:
             params = jax.device_put(params, shd.state_shardings(params, mesh))
         self._mesh = mesh if mesh is not None else mesh_of(params)
         adapters = lora.has_adapters(model)
-        trainable, frozen = steps.split_trainable(adapters, params)
-        self._params = steps.join_trainable(cast_floating(trainable, config.optimizer.param_dtype),
-                                            cast_floating(frozen, config.optimizer.compute_dtype))
+        self._params = steps.master_params(params, adapters=adapters, optimizer=config.optimizer)
         self._spec = steps.StepSpec.create(graphdef, self._params, temperature=config.rollout.temperature,
                                            suppress_tokens=self._suppress_tokens, grpo_config=self._grpo,
                                            optimizer_config=config.optimizer, mesh=self._mesh,
